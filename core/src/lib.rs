@@ -1,0 +1,32 @@
+//! spherear-core: the math and formats every crate of the toolchain shares, with no libtorch.
+//!
+//! - [`config`]: model presets and config.json
+//! - [`noise`]: the seeded noise source and its documented draw order
+//! - [`sphere`]: projection onto the radius-R sphere
+//! - [`rope`]: the 2-D RoPE table
+//! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
+//! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
+//! - [`fsutil`]: atomic writes
+
+pub mod config;
+pub mod data;
+pub mod fsutil;
+pub mod noise;
+pub mod rope;
+pub mod schedule;
+pub mod sphere;
+
+pub use config::{ArConfig, ModelConfig, VaeConfig};
+
+/// Errors of the core library; each carries a one-line message meant for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("config error: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("data error: {0}")]
+    Data(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}

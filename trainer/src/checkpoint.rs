@@ -1,0 +1,142 @@
+//! Checkpoint files: safetensors with string metadata, written atomically (temporary name, then rename).
+//!
+//! - `vae.safetensors` / `ar.safetensors`: model weights under the official key names, metadata
+//!   `format = spherear-weights-v1`, `stage`, `config` (the config JSON).
+//! - `train-<stage>.safetensors`: everything needed to resume: weights, optimizer moments
+//!   (`optim.m.<key>`, `optim.v.<key>`), EMA weights (`ema.<key>`) where the stage keeps them, and
+//!   metadata `format = spherear-train-v1`, `stage`, `step`, `total_steps`, `config`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use spherear_core::fsutil;
+use spherear_core::ModelConfig;
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+
+pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
+pub const TRAIN_FORMAT: &str = "spherear-train-v1";
+
+fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
+}
+
+/// Tensors by name plus string metadata, as read from or written to one file.
+#[derive(Default)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn meta(&self, path: &Path, key: &str) -> Result<&str> {
+        self.metadata.get(key).map(|s| s.as_str()).ok_or_else(|| ck_err(path, format!("metadata '{key}' missing")))
+    }
+
+    /// The config stored in the metadata.
+    pub fn config(&self, path: &Path) -> Result<ModelConfig> {
+        ModelConfig::from_json(self.meta(path, "config")?).map_err(|e| ck_err(path, e.to_string()))
+    }
+}
+
+/// Writes f32 tensors and metadata atomically.
+pub fn save(path: &Path, file: &TensorFile) -> Result<()> {
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(file.tensors.len());
+    for (name, t) in &file.tensors {
+        let t = t.detach().to_kind(Kind::Float).contiguous();
+        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
+        let numel: usize = shape.iter().product();
+        let mut bytes = vec![0u8; numel * 4];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        bufs.push((name.clone(), shape, bytes));
+    }
+    let views = bufs
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| ck_err(path, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, &Some(file.metadata.clone())).map_err(|e| ck_err(path, e.to_string()))?;
+    fsutil::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Reads a safetensors file (f32, f16 or bf16 tensors, converted to f32).
+pub fn load(path: &Path) -> Result<TensorFile> {
+    let bytes = std::fs::read(path).map_err(|e| ck_err(path, format!("cannot read: {e}")))?;
+    let corrupt = |e: safetensors::SafeTensorError| ck_err(path, format!("not a valid safetensors file ({e})"));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
+    let mut out = TensorFile { metadata: meta.metadata().clone().unwrap_or_default(), ..Default::default() };
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            other => return Err(ck_err(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.to_kind(Kind::Float);
+        out.tensors.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Copies `tensors` into the variables of `vs` whose names start with `prefix`. Every such variable must
+/// be present with the same shape; every tensor under `prefix` must be a variable. The error lists all
+/// mismatches.
+pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, prefix: &str, what: &str) -> Result<()> {
+    let vars = vs.variables();
+    let mut problems = Vec::new();
+    for (name, var) in vars.iter().filter(|(n, _)| n.starts_with(prefix)) {
+        match tensors.get(name) {
+            None => problems.push(format!("missing key {name}")),
+            Some(t) if t.size() != var.size() => {
+                problems.push(format!("{name}: shape {:?}, expected {:?}", t.size(), var.size()))
+            }
+            _ => {}
+        }
+    }
+    for name in tensors.keys().filter(|n| n.starts_with(prefix)) {
+        if !vars.contains_key(name) {
+            problems.push(format!("unexpected key {name}"));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        let n = problems.len();
+        let shown: Vec<_> = problems.into_iter().take(8).collect();
+        let more = if n > 8 { format!(" (+{} more)", n - 8) } else { String::new() };
+        return Err(TrainError::Mismatch(format!("{what} does not fit the model: {}{more}", shown.join("; "))));
+    }
+    tch::no_grad(|| {
+        for (name, var) in vars.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            if let Some(t) = tensors.get(name) {
+                let mut v = var.shallow_clone();
+                v.copy_(t);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The variables of `vs` whose names start with `prefix`, detached copies.
+pub fn named_tensors(vs: &VarStore, prefix: &str) -> BTreeMap<String, Tensor> {
+    vs.variables().into_iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, t)| (n, t.detach().copy())).collect()
+}
+
+/// Checks that a stored config matches the one asked for, naming both presets when they differ.
+pub fn check_config(path: &Path, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
+    if stored != wanted {
+        return Err(ck_err(
+            path,
+            format!(
+                "was made for preset '{}' but '{}' was asked for (use the matching --preset or a new --out)",
+                stored.name, wanted.name
+            ),
+        ));
+    }
+    Ok(())
+}
