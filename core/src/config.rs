@@ -187,10 +187,7 @@ impl ModelConfig {
                 },
             },
             other => {
-                return Err(CoreError::Config(format!(
-                    "unknown preset '{other}' (known: {})",
-                    PRESETS.join(", ")
-                )))
+                return Err(CoreError::Config(format!("unknown preset '{other}' (known: {})", PRESETS.join(", "))))
             }
         };
         cfg.validate()?;
@@ -265,10 +262,7 @@ impl ModelConfig {
             ));
         }
         if *v.cnn_chs.last().unwrap_or(&0) != v.z_channels {
-            return err(format!(
-                "vae.cnn_chs must end with vae.z_channels {}",
-                v.z_channels
-            ));
+            return err(format!("vae.cnn_chs must end with vae.z_channels {}", v.z_channels));
         }
         for &c in &v.cnn_chs {
             if c < 4 || c % 4 != 0 || c % (c / 4).min(32) != 0 {
@@ -276,10 +270,7 @@ impl ModelConfig {
             }
         }
         if v.cnn_chs[0] % 16 != 0 {
-            return err(format!(
-                "vae.cnn_chs[0] = {} must be a multiple of 16 (decoder GroupNorm(16))",
-                v.cnn_chs[0]
-            ));
+            return err(format!("vae.cnn_chs[0] = {} must be a multiple of 16 (decoder GroupNorm(16))", v.cnn_chs[0]));
         }
         if v.n_head == 0 || v.z_channels % v.n_head != 0 || (v.z_channels / v.n_head) % 4 != 0 {
             return err(format!(

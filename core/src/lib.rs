@@ -11,10 +11,12 @@
 pub mod config;
 pub mod data;
 pub mod fsutil;
+pub mod keys;
 pub mod noise;
 pub mod rope;
 pub mod schedule;
 pub mod sphere;
+pub mod torch_pickle;
 
 pub use config::{ArConfig, ModelConfig, VaeConfig};
 

@@ -140,3 +140,35 @@ pub fn check_config(path: &Path, stored: &ModelConfig, wanted: &ModelConfig) -> 
     }
     Ok(())
 }
+
+/// Writes a resumable training checkpoint of `stage` at `step`.
+pub fn save_train(
+    path: &Path,
+    stage: &str,
+    step: usize,
+    total: usize,
+    config: &ModelConfig,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut f = TensorFile { tensors, ..Default::default() };
+    f.metadata.insert("format".into(), TRAIN_FORMAT.into());
+    f.metadata.insert("stage".into(), stage.into());
+    f.metadata.insert("step".into(), step.to_string());
+    f.metadata.insert("total_steps".into(), total.to_string());
+    f.metadata.insert("config".into(), config.to_json());
+    save(path, &f)
+}
+
+/// Reads a training checkpoint of `stage` made for `config`, if one exists: (step, file).
+pub fn load_train(path: &Path, stage: &str, config: &ModelConfig) -> Result<Option<(usize, TensorFile)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let file = load(path)?;
+    if file.meta(path, "format")? != TRAIN_FORMAT || file.meta(path, "stage")? != stage {
+        return Err(ck_err(path, format!("is not a {stage} training checkpoint")));
+    }
+    check_config(path, &file.config(path)?, config)?;
+    let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
+    Ok(Some((step, file)))
+}

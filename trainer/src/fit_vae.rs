@@ -4,8 +4,7 @@
 //! fetched here, so it is left out rather than faked; the PatchGAN adversarial loss is not implemented yet.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -13,10 +12,10 @@ use spherear_core::data::{self, DataSource, Dataset, Shuffler, Split};
 use spherear_core::ModelConfig;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::checkpoint::{self, TensorFile, TRAIN_FORMAT, WEIGHTS_FORMAT};
+use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
 use crate::error::{Result, TrainError};
+use crate::fitloop;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::progress;
 use crate::vae::Vae;
 
 /// Hyper-parameters of the VAE stage.
@@ -169,14 +168,9 @@ pub fn weights_path(out: &Path) -> PathBuf {
 }
 
 fn save_train_state(path: &Path, m: &VaeModel, opt: &AdamW, step: usize, total: usize) -> Result<()> {
-    let mut f = TensorFile { tensors: checkpoint::named_tensors(&m.vs, "vae."), ..Default::default() };
-    f.tensors.extend(opt.state());
-    f.metadata.insert("format".into(), TRAIN_FORMAT.into());
-    f.metadata.insert("stage".into(), "vae".into());
-    f.metadata.insert("step".into(), step.to_string());
-    f.metadata.insert("total_steps".into(), total.to_string());
-    f.metadata.insert("config".into(), m.config.to_json());
-    checkpoint::save(path, &f)
+    let mut tensors = checkpoint::named_tensors(&m.vs, "vae.");
+    tensors.extend(opt.state());
+    checkpoint::save_train(path, "vae", step, total, &m.config, tensors)
 }
 
 /// Resolves the run's config: an existing run folder fixes it (and must match the preset asked for).
@@ -204,19 +198,11 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
 
     tch::manual_seed(args.seed as i64);
     let m = VaeModel::new(&config);
-    let mut opt = AdamW::new(&m.vs, "vae.", AdamWConfig::default());
+    let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
     let ckpt = train_ckpt_path(&args.out);
     let mut start = 0usize;
-    if ckpt.exists() {
-        let file = checkpoint::load(&ckpt)?;
-        if file.meta(&ckpt, "format")? != TRAIN_FORMAT || file.meta(&ckpt, "stage")? != "vae" {
-            return Err(TrainError::Checkpoint { path: ckpt.display().to_string(), msg: "is not a VAE training checkpoint".into() });
-        }
-        checkpoint::check_config(&ckpt, &file.config(&ckpt)?, &config)?;
-        start = file.meta(&ckpt, "step")?.parse().map_err(|_| TrainError::Checkpoint {
-            path: ckpt.display().to_string(),
-            msg: "metadata 'step' is not a number".into(),
-        })?;
+    if let Some((step, file)) = checkpoint::load_train(&ckpt, "vae", &config)? {
+        start = step;
         checkpoint::load_into(&m.vs, &file.tensors, "vae.", &format!("checkpoint {}", ckpt.display()))?;
         opt.load_state(&file.tensors, start as i64)
             .map_err(|msg| TrainError::Checkpoint { path: ckpt.display().to_string(), msg })?;
@@ -226,54 +212,36 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
 
     let mut shuffler = Shuffler::with_position(train.len(), args.seed, (start * args.batch) as u64);
     let mut flip_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed ^ start as u64);
-    let bar = progress::bar(args.steps as u64, start as u64, "vae", args.progress);
-    let t0 = Instant::now();
-    let (mut first, mut last, mut smooth) = (None, None, None::<f64>);
-    let mut step = start;
-    let mut interrupted = false;
-    while step < args.steps {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let idx = shuffler.next_batch(args.batch);
-        let x = batch_tensor(&train, &idx, args.flip.then_some(&mut flip_rng));
-        let lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
-        let s = train_step(&m, &mut opt, &x, args.kl_weight, args.clip, lr);
-        if !s.loss.is_finite() {
-            return Err(TrainError::Mismatch(format!("loss became {} at step {step}; lower --lr", s.loss)));
-        }
-        step += 1;
-        first.get_or_insert(s.loss);
-        last = Some(s.loss);
-        let sm = smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
-        smooth = Some(sm);
-        bar.set_position(step as u64);
-        bar.set_message(format!(
-            "loss {:.4} rec {:.4} kl {:.2} ~{:.1} dB lr {:.1e}",
-            s.loss,
-            s.recon,
-            s.kl,
-            10.0 * (4.0 / sm.max(1e-12)).log10(),
-            lr
-        ));
-        if step % args.ckpt_every.max(1) == 0 && step < args.steps {
-            save_train_state(&ckpt, &m, &opt, step, args.steps)?;
-        }
-    }
-    if step > start || !interrupted {
-        save_train_state(&ckpt, &m, &opt, step, args.steps)?;
-    }
-    bar.finish_and_clear();
-    let train_seconds = t0.elapsed().as_secs_f64();
+    let mut smooth = None::<f64>;
+    let opt = std::cell::RefCell::new(opt);
+    let outcome = fitloop::run(
+        "vae",
+        start,
+        args.steps,
+        args.ckpt_every,
+        stop,
+        args.progress,
+        |step| {
+            let idx = shuffler.next_batch(args.batch);
+            let x = batch_tensor(&train, &idx, args.flip.then_some(&mut flip_rng));
+            let lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
+            let s = train_step(&m, &mut opt.borrow_mut(), &x, args.kl_weight, args.clip, lr);
+            let sm = smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
+            smooth = Some(sm);
+            let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
+            Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
+        },
+        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, args.steps),
+    )?;
+    let interrupted = outcome.interrupted;
     let mut report = VaeFitReport {
         resumed_from: start,
-        steps_done: step,
+        steps_done: outcome.step,
         total_steps: args.steps,
         interrupted,
-        first_loss: first,
-        last_loss: last,
-        train_seconds,
+        first_loss: outcome.first_loss,
+        last_loss: outcome.last_loss,
+        train_seconds: outcome.seconds,
         psnr_mode_db: None,
         psnr_sample_db: None,
     };

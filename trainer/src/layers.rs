@@ -109,7 +109,10 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(vs: nn::Path, dim: i64) -> Self {
         let hidden = ffn_hidden(dim as usize) as i64;
-        FeedForward { w1: linear_std(&vs / "w1", dim, 2 * hidden, false), w2: linear_std(&vs / "w2", hidden, dim, false) }
+        FeedForward {
+            w1: linear_std(&vs / "w1", dim, 2 * hidden, false),
+            w2: linear_std(&vs / "w2", hidden, dim, false),
+        }
     }
 }
 

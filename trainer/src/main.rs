@@ -1,16 +1,19 @@
-//! `trainer`: trains the SphereAR S-VAE (and, later, the AR model) on libtorch.
+//! `trainer`: trains, samples and imports SphereAR models on libtorch.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use spherear_core::data::parse_source;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use spherear_core::data::{parse_source, save_grid_png};
+use trainer::ar::ArModel;
+use trainer::fit_ar::{fit_ar, ArFitArgs};
 use trainer::fit_vae::{fit_vae, VaeFitArgs};
+use trainer::sample::{decode, sample_tokens, SampleRequest};
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "Train SphereAR models (S-VAE and AR) with libtorch.")]
+#[command(name = "trainer", version, about = "Train, sample and import SphereAR models with libtorch.")]
 struct Cli {
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, global = true)]
@@ -23,63 +26,130 @@ struct Cli {
 enum Stage {
     /// The S-VAE: reconstruction + KL of the Power Spherical posterior to the uniform sphere.
     Vae,
+    /// The AR transformer + diffusion head on frozen VAE latents (needs --vae).
+    Ar,
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Which model to train.
+    #[arg(long, value_enum)]
+    stage: Stage,
+    /// Model preset for the VAE stage: fmnist-32 (CPU default), tiny (tests), spherear-b|l|h (official sizes).
+    /// The AR stage takes its config from the VAE run.
+    #[arg(long, default_value = "fmnist-32")]
+    preset: String,
+    /// AR stage: run folder of the trained VAE (vae.safetensors + config.json).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Training data: `fashion-mnist` (Debian package dataset-fashion-mnist), `fashion-mnist:DIR`,
+    /// or an ImageFolder root (one subfolder per class; optional train/ and test/ splits).
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Run folder: config.json, checkpoints, weights, metrics and PNGs go here.
+    #[arg(long)]
+    out: PathBuf,
+    /// Total optimisation steps (default: 3000 for vae, 2000 for ar).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Linear warmup steps before the cosine decay.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// VAE stage: weight of the KL term (mean over tokens).
+    #[arg(long, default_value_t = 0.004)]
+    kl_weight: f64,
+    /// AR stage: EMA decay of the shipped weights (warmed up as min(decay, (1+t)/(10+t))).
+    #[arg(long, default_value_t = 0.999)]
+    ema_decay: f64,
+    /// Gradient clipping: maximum global L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Write a resumable checkpoint every N steps.
+    #[arg(long, default_value_t = 250)]
+    ckpt_every: usize,
+    /// Seed for initialisation, shuffling, augmentation and label dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// VAE stage: random horizontal flips.
+    #[arg(long)]
+    flip: bool,
+    /// Use only the first N training images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// VAE stage: held-out images scored for PSNR at the end.
+    #[arg(long, default_value_t = 1000)]
+    eval_images: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Run folder (or file) holding ar.safetensors + config.json.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Comma-separated class ids, one grid row each, in this order (default: every class).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<i64>>,
+    /// Images per class (grid columns).
+    #[arg(long, default_value_t = 1)]
+    per_class: usize,
+    /// Classifier-free guidance scale (1 = none; linear schedule from 1 at token 0 to cfg).
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f32,
+    /// Euler–Maruyama steps of the diffusion head per token (plus one final Euler step).
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Noise seed: image j of the request uses noise stream j of this seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per forward batch (before CFG doubling); results do not depend on it.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Output PNG grid: one row per class, images edge to edge.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the sampled tokens [N, L, d] here (safetensors, key "tokens").
+    #[arg(long)]
+    tokens_out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a stage. Rerunning the same command resumes from the last checkpoint in --out;
     /// Ctrl-C writes a checkpoint before exiting.
-    Fit {
-        /// Which model to train.
-        #[arg(long, value_enum)]
-        stage: Stage,
-        /// Model preset: fmnist-32 (CPU default), tiny (tests), spherear-b|l|h (official sizes).
-        #[arg(long, default_value = "fmnist-32")]
-        preset: String,
-        /// Training data: `fashion-mnist` (Debian package dataset-fashion-mnist), `fashion-mnist:DIR`,
-        /// or an ImageFolder root (one subfolder per class; optional train/ and test/ splits).
-        #[arg(long, default_value = "fashion-mnist")]
-        data: String,
-        /// Run folder: config.json, checkpoints, weights, metrics and PNGs go here.
-        #[arg(long)]
-        out: PathBuf,
-        /// Total optimisation steps.
-        #[arg(long, default_value_t = 3000)]
-        steps: usize,
-        /// Images per step.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings).
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// Linear warmup steps before the cosine decay.
-        #[arg(long, default_value_t = 100)]
-        warmup: usize,
-        /// Weight of the KL term (mean over tokens).
-        #[arg(long, default_value_t = 0.004)]
-        kl_weight: f64,
-        /// Gradient clipping: maximum global L2 norm.
-        #[arg(long, default_value_t = 1.0)]
-        clip: f64,
-        /// Write a resumable checkpoint every N steps.
-        #[arg(long, default_value_t = 250)]
-        ckpt_every: usize,
-        /// Seed for initialisation, shuffling and augmentation.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Random horizontal flips.
-        #[arg(long)]
-        flip: bool,
-        /// Use only the first N training images.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Held-out images scored for PSNR at the end.
-        #[arg(long, default_value_t = 1000)]
-        eval_images: usize,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Fit(Box<FitArgs>),
+    /// Sample a class-conditional PNG grid with the reference (libtorch) sampler.
+    Sample(SampleArgs),
+    /// Convert an official torch.save checkpoint (state dict under `ema`, else `model`) into our format,
+    /// without executing pickle code; every key and shape is checked against the preset.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The official checkpoint, e.g. SphereAR_B.pt.
+    #[arg(long)]
+    official: PathBuf,
+    /// A separate official VAE checkpoint; its weights replace the main file's `vae.*`.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Preset whose layout the checkpoint must match (spherear-b|l|h, or a small preset).
+    #[arg(long)]
+    preset: String,
+    /// Output run folder (ar.safetensors + config.json).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 fn main() {
@@ -105,59 +175,131 @@ fn run() -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     }
     match cli.cmd {
-        Cmd::Fit {
-            stage: Stage::Vae,
-            preset,
-            data,
-            out,
-            steps,
-            batch,
-            lr,
-            warmup,
-            kl_weight,
-            clip,
-            ckpt_every,
-            seed,
-            flip,
-            limit,
-            eval_images,
-            quiet,
-        } => {
-            let mut a = VaeFitArgs::new(&preset, parse_source(&data), out.clone());
-            a.steps = steps;
-            a.batch = batch;
-            a.lr = lr;
-            a.warmup = warmup;
-            a.kl_weight = kl_weight;
-            a.clip = clip;
-            a.ckpt_every = ckpt_every;
-            a.seed = seed;
-            a.flip = flip;
-            a.limit = limit;
-            a.eval_images = eval_images;
-            a.progress = !quiet;
-            let r = fit_vae(&a, &stop).with_context(|| format!("training the VAE into {}", out.display()))?;
-            if r.interrupted {
-                eprintln!("stopped at step {}/{}; rerun the same command to resume", r.steps_done, r.total_steps);
-                std::process::exit(130);
-            }
+        Cmd::Fit(f) => match f.stage {
+            Stage::Vae => fit_vae_cmd(&f, &stop),
+            Stage::Ar => fit_ar_cmd(&f, &stop),
+        },
+        Cmd::Sample(s) => sample_cmd(&s),
+        Cmd::Import(i) => {
+            let r = trainer::import::import_official(&i.official, i.vae.as_deref(), &i.preset, &i.out)
+                .with_context(|| format!("importing {}", i.official.display()))?;
             println!(
-                "vae: steps {}/{} (resumed from {}), {:.0} s, loss {:.4} -> {:.4}",
-                r.steps_done,
-                r.total_steps,
-                r.resumed_from,
-                r.train_seconds,
-                r.first_loss.unwrap_or(f64::NAN),
-                r.last_loss.unwrap_or(f64::NAN)
+                "imported {} tensors ({} parameters) from the '{}' state dict into {}{}",
+                r.tensors,
+                r.parameters,
+                r.source,
+                i.out.display(),
+                if r.skipped.is_empty() { String::new() } else { format!("; skipped {}", r.skipped.join(", ")) }
             );
-            match (r.psnr_mode_db, r.psnr_sample_db) {
-                (Some(m), Some(s)) => println!(
-                    "held-out PSNR: {m:.2} dB (posterior mode), {s:.2} dB (posterior sample); grid {}",
-                    out.join("vae-recon.png").display()
-                ),
-                _ => bail!("no evaluation was produced"),
-            }
+            Ok(())
         }
     }
+}
+
+fn interrupted(step: usize, total: usize) -> ! {
+    eprintln!("stopped at step {step}/{total}; rerun the same command to resume");
+    std::process::exit(130);
+}
+
+fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
+    let mut a = VaeFitArgs::new(&f.preset, parse_source(&f.data), f.out.clone());
+    a.steps = f.steps.unwrap_or(3000);
+    a.batch = f.batch;
+    a.lr = f.lr;
+    a.warmup = f.warmup;
+    a.kl_weight = f.kl_weight;
+    a.clip = f.clip;
+    a.ckpt_every = f.ckpt_every;
+    a.seed = f.seed;
+    a.flip = f.flip;
+    a.limit = f.limit;
+    a.eval_images = f.eval_images;
+    a.progress = !f.quiet;
+    let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
+    if r.interrupted {
+        interrupted(r.steps_done, r.total_steps);
+    }
+    println!(
+        "vae: steps {}/{} (resumed from {}), {:.0} s, loss {:.4} -> {:.4}",
+        r.steps_done,
+        r.total_steps,
+        r.resumed_from,
+        r.train_seconds,
+        r.first_loss.unwrap_or(f64::NAN),
+        r.last_loss.unwrap_or(f64::NAN)
+    );
+    match (r.psnr_mode_db, r.psnr_sample_db) {
+        (Some(m), Some(s)) => println!(
+            "held-out PSNR: {m:.2} dB (posterior mode), {s:.2} dB (posterior sample); grid {}",
+            f.out.join("vae-recon.png").display()
+        ),
+        _ => bail!("no evaluation was produced"),
+    }
+    Ok(())
+}
+
+fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
+    let Some(vae) = f.vae.clone() else { bail!("--stage ar needs --vae RUN_FOLDER (a finished VAE stage)") };
+    let mut a = ArFitArgs::new(vae, parse_source(&f.data), f.out.clone());
+    a.steps = f.steps.unwrap_or(2000);
+    a.batch = f.batch;
+    a.lr = f.lr;
+    a.warmup = f.warmup;
+    a.clip = f.clip;
+    a.ema_decay = f.ema_decay;
+    a.ckpt_every = f.ckpt_every;
+    a.seed = f.seed;
+    a.limit = f.limit;
+    a.progress = !f.quiet;
+    let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
+    if r.interrupted {
+        interrupted(r.steps_done, r.total_steps);
+    }
+    println!(
+        "ar: steps {}/{} (resumed from {}), {:.0} s (+{:.0} s latents), loss {:.4} -> {:.4}; weights {}",
+        r.steps_done,
+        r.total_steps,
+        r.resumed_from,
+        r.train_seconds,
+        r.latent_seconds,
+        r.first_loss.unwrap_or(f64::NAN),
+        r.last_loss.unwrap_or(f64::NAN),
+        trainer::ar::weights_path(&f.out).display()
+    );
+    Ok(())
+}
+
+fn sample_cmd(s: &SampleArgs) -> Result<()> {
+    let m = ArModel::load(&s.checkpoint).with_context(|| format!("loading {}", s.checkpoint.display()))?;
+    let nc = m.config.num_classes as i64;
+    let rows = s.classes.clone().unwrap_or_else(|| (0..nc).collect());
+    if s.per_class == 0 {
+        bail!("--per-class must be ≥ 1");
+    }
+    let classes: Vec<i64> = rows.iter().flat_map(|&c| std::iter::repeat(c).take(s.per_class)).collect();
+    let req = SampleRequest { classes, cfg: s.cfg, steps: s.steps, seed: s.seed, batch: s.batch };
+    req.validate(m.config.num_classes)?;
+    let bar = trainer::progress::bar(req.classes.len() as u64, 0, "sample", !s.quiet);
+    let t0 = std::time::Instant::now();
+    let tokens = sample_tokens(&m, &req, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let images = decode(&m, &tokens);
+    let flat = Vec::<f32>::try_from(images.flatten(0, -1)).context("reading the decoded images")?;
+    save_grid_png(&s.out, &flat, req.classes.len(), m.config.image_size, s.per_class)?;
+    if let Some(p) = &s.tokens_out {
+        let mut f = trainer::checkpoint::TensorFile::default();
+        f.tensors.insert("tokens".into(), tokens.shallow_clone());
+        trainer::checkpoint::save(p, &f)?;
+    }
+    let n = req.classes.len() as f64;
+    let tok = n * m.config.num_tokens() as f64;
+    println!(
+        "sampled {} images in {secs:.2} s ({:.2} images/s, {:.1} tokens/s); grid {}",
+        req.classes.len(),
+        n / secs,
+        tok / secs,
+        s.out.display()
+    );
     Ok(())
 }

@@ -42,14 +42,14 @@ pub fn decays(name: &str, t: &Tensor) -> bool {
 }
 
 impl AdamW {
-    /// Optimises every trainable variable of `vs` whose name starts with `prefix`.
-    pub fn new(vs: &VarStore, prefix: &str, cfg: AdamWConfig) -> Self {
+    /// Optimises every trainable variable of `vs` whose name `include` accepts.
+    pub fn new(vs: &VarStore, include: impl Fn(&str) -> bool, cfg: AdamWConfig) -> Self {
         let trainable: Vec<Tensor> = vs.trainable_variables();
         let is_trainable = |t: &Tensor| trainable.iter().any(|x| x.data_ptr() == t.data_ptr());
         let mut params: Vec<Param> = vs
             .variables()
             .into_iter()
-            .filter(|(n, t)| n.starts_with(prefix) && is_trainable(t))
+            .filter(|(n, t)| include(n) && is_trainable(t))
             .map(|(name, var)| Param {
                 decay: decays(&name, &var),
                 m: var.zeros_like(),
@@ -171,7 +171,7 @@ mod tests {
         let vs = VarStore::new(tch::Device::Cpu);
         let w = (vs.root() / "lin").var("weight", &[4, 4], tch::nn::Init::Const(1.0));
         let b = (vs.root() / "lin").var("bias", &[4], tch::nn::Init::Const(1.0));
-        let mut opt = AdamW::new(&vs, "", AdamWConfig::default());
+        let mut opt = AdamW::new(&vs, |_| true, AdamWConfig::default());
         assert!(opt.params.iter().find(|p| p.name == "lin.weight").unwrap().decay);
         assert!(!opt.params.iter().find(|p| p.name == "lin.bias").unwrap().decay);
         let first = (w.square().sum(Kind::Float) + b.square().sum(Kind::Float)).double_value(&[]);

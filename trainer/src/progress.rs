@@ -8,10 +8,9 @@ pub fn bar(total: u64, pos: u64, prefix: &str, enabled: bool) -> ProgressBar {
     if !enabled {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let style = ProgressStyle::with_template(
-        "{prefix} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {per_sec} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     pb.set_style(style);
     pb.set_prefix(prefix.to_string());
     pb.set_position(pos);

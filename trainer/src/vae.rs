@@ -130,9 +130,8 @@ impl VitTrunk {
             &[v.register_tokens as i64, z],
             nn::Init::Randn { mean: 0.0, stdev: INIT_STD },
         );
-        let layers = (0..n_layers)
-            .map(|i| TransformerBlock::new(vs / "layers" / i, z, v.n_head as i64, false))
-            .collect();
+        let layers =
+            (0..n_layers).map(|i| TransformerBlock::new(vs / "layers" / i, z, v.n_head as i64, false)).collect();
         // The table depends only on the config; the official checkpoints carry it as a persistent buffer.
         let table = rope_2d(cfg.grid(), v.head_dim(), v.register_tokens).map(|t| rope_tensor(&t));
         let table = table.unwrap_or_else(|_| Tensor::zeros([0], tch::kind::FLOAT_CPU));

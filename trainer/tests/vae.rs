@@ -58,7 +58,7 @@ fn tiny_vae_overfits_16_images() {
     tch::manual_seed(0);
     let cfg = ModelConfig::preset("tiny").unwrap();
     let m = VaeModel::new(&cfg);
-    let mut opt = AdamW::new(&m.vs, "vae.", AdamWConfig::default());
+    let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
     let x = pattern_images(16, cfg.image_size as i64);
     let mut losses = Vec::new();
     for _ in 0..300 {
@@ -121,7 +121,11 @@ fn write_image_folder(root: &Path, per_class: usize) {
             let img = image::RgbImage::from_fn(16, 16, |x, y| {
                 let v = if c == 0 {
                     let (dx, dy) = (x as i32 - 8, y as i32 - 8);
-                    if dx * dx + dy * dy < (3 + i as i32) * (3 + i as i32) { 230 } else { 20 }
+                    if dx * dx + dy * dy < (3 + i as i32) * (3 + i as i32) {
+                        230
+                    } else {
+                        20
+                    }
                 } else if (x as usize + i) % 4 < 2 {
                     200
                 } else {
@@ -142,8 +146,20 @@ fn trainer() -> Command {
 
 fn fit_args(data: &Path, out: &Path, steps: usize) -> Vec<String> {
     [
-        "fit", "--stage", "vae", "--preset", "tiny", "--quiet", "--batch", "8", "--eval-images", "8", "--ckpt-every", "5",
-        "--warmup", "5",
+        "fit",
+        "--stage",
+        "vae",
+        "--preset",
+        "tiny",
+        "--quiet",
+        "--batch",
+        "8",
+        "--eval-images",
+        "8",
+        "--ckpt-every",
+        "5",
+        "--warmup",
+        "5",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -177,7 +193,8 @@ fn killed_run_resumes_at_its_saved_step() {
     let (data, out) = (dir.path().join("data"), dir.path().join("run"));
     write_image_folder(&data, 8);
     let steps = 4000;
-    let mut child = trainer().args(fit_args(&data, &out, steps)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        trainer().args(fit_args(&data, &out, steps)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_step(&out, 10);
     child.kill().unwrap(); // SIGKILL: no chance to write anything more
     child.wait().unwrap();
@@ -264,4 +281,3 @@ fn bad_input_gives_one_clear_error_line() {
     let o = trainer().args(&args).output().unwrap();
     assert_one_line_error(&o, "unknown preset");
 }
-

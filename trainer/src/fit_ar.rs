@@ -1,0 +1,330 @@
+//! `trainer fit --stage ar`: trains the AR transformer and diffusion head on frozen S-VAE latents.
+//!
+//! Latent caching: the frozen encoder runs once over the training set and its posterior parameters
+//! (μ, κ per token) are kept in `<out>/latents.safetensors`; every step draws a fresh Power Spherical
+//! sample from them (scaled to radius R), which is what the official code sees when it encodes each batch
+//! anew (minus flip augmentation, which is not used for Fashion-MNIST). The cache is rebuilt when the VAE
+//! weights or the data change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use spherear_core::data::{self, DataSource, Shuffler, Split};
+use spherear_core::ModelConfig;
+use tch::{Kind, Tensor};
+
+use crate::ar::ArModel;
+use crate::checkpoint::{self, TensorFile};
+use crate::error::{Result, TrainError};
+use crate::fit_vae::{self, batch_tensor, VaeModel};
+use crate::fitloop;
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::progress;
+use crate::psd::PowerSpherical;
+
+/// Hyper-parameters of the AR stage.
+#[derive(Debug, Clone)]
+pub struct ArFitArgs {
+    /// Run folder of a finished VAE stage (vae.safetensors + config.json).
+    pub vae: PathBuf,
+    pub data: DataSource,
+    pub out: PathBuf,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: usize,
+    pub clip: f64,
+    pub ema_decay: f64,
+    pub ckpt_every: usize,
+    pub seed: u64,
+    pub limit: Option<usize>,
+    pub progress: bool,
+}
+
+impl ArFitArgs {
+    pub fn new(vae: PathBuf, data: DataSource, out: PathBuf) -> Self {
+        ArFitArgs {
+            vae,
+            data,
+            out,
+            steps: 2000,
+            batch: 32,
+            lr: 1e-3,
+            min_lr_ratio: 0.05,
+            warmup: 100,
+            clip: 1.0,
+            ema_decay: 0.999,
+            ckpt_every: 250,
+            seed: 0,
+            limit: None,
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArFitReport {
+    pub resumed_from: usize,
+    pub steps_done: usize,
+    pub total_steps: usize,
+    pub interrupted: bool,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub train_seconds: f64,
+    pub latent_seconds: f64,
+}
+
+/// Posterior parameters of a whole dataset.
+pub struct Latents {
+    pub mu: Tensor,
+    pub kappa: Tensor,
+    pub labels: Tensor,
+}
+
+impl Latents {
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A fresh posterior sample on the radius-R sphere for the images `idx`: ([B, L, d], labels [B]).
+    pub fn sample(&self, idx: &[usize], radius: f64) -> (Tensor, Tensor) {
+        let i = Tensor::from_slice(&idx.iter().map(|&v| v as i64).collect::<Vec<_>>());
+        let q = PowerSpherical::new(&self.mu.index_select(0, &i), &self.kappa.index_select(0, &i));
+        (tch::no_grad(|| q.rsample() * radius), self.labels.index_select(0, &i))
+    }
+}
+
+/// Encodes a dataset with the frozen VAE (batches of 200), or reads the cache written for the same
+/// VAE weights and data description.
+pub fn encode_dataset(vae: &VaeModel, vae_file: &Path, args: &ArFitArgs, cache: &Path) -> Result<Latents> {
+    let stamp = {
+        let meta = std::fs::metadata(vae_file).map_err(|e| TrainError::Io(format!("{}: {e}", vae_file.display())))?;
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        format!("{}|{}|{:?}|{:?}|{:?}", vae_file.display(), meta.len(), mtime, args.data, args.limit)
+    };
+    if let Ok(f) = checkpoint::load(cache) {
+        if f.metadata.get("stamp") == Some(&stamp) {
+            if let (Some(mu), Some(kappa), Some(labels)) =
+                (f.tensors.get("mu"), f.tensors.get("kappa"), f.tensors.get("labels"))
+            {
+                eprintln!("using cached latents {}", cache.display());
+                let labels = labels.to_kind(Kind::Int64);
+                return Ok(Latents { mu: mu.shallow_clone(), kappa: kappa.shallow_clone(), labels });
+            }
+        }
+    }
+    let ds = data::load(&args.data, Split::Train, vae.config.image_size, args.limit)?;
+    let n = ds.len();
+    let bar = progress::bar(n as u64, 0, "encode", args.progress);
+    let (mut mus, mut kappas) = (Vec::new(), Vec::new());
+    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let x = batch_tensor(&ds, chunk, None);
+        let p = tch::no_grad(|| vae.vae.posterior(&x));
+        mus.push(p.mu);
+        kappas.push(p.kappa);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let lat =
+        Latents { mu: Tensor::cat(&mus, 0), kappa: Tensor::cat(&kappas, 0), labels: Tensor::from_slice(&ds.labels) };
+    let mut f = TensorFile::default();
+    f.tensors.insert("mu".into(), lat.mu.shallow_clone());
+    f.tensors.insert("kappa".into(), lat.kappa.shallow_clone());
+    f.tensors.insert("labels".into(), lat.labels.to_kind(Kind::Float));
+    f.metadata.insert("stamp".into(), stamp);
+    checkpoint::save(cache, &f)?;
+    Ok(lat)
+}
+
+/// Names of the trained (non-VAE) weights.
+pub fn is_ar_key(name: &str) -> bool {
+    !name.starts_with("vae.")
+}
+
+/// The AR trainer: model, optimizer and EMA of the AR weights.
+pub struct ArTrainer {
+    pub model: ArModel,
+    pub opt: AdamW,
+    pub ema: BTreeMap<String, Tensor>,
+}
+
+impl ArTrainer {
+    /// A fresh AR model around a (frozen) VAE.
+    pub fn new(cfg: &ModelConfig, vae: Option<&VaeModel>) -> Result<Self> {
+        let model = ArModel::new(cfg);
+        if let Some(v) = vae {
+            checkpoint::load_into(&model.vs, &checkpoint::named_tensors(&v.vs, "vae."), "vae.", "the VAE")?;
+        }
+        for (name, t) in model.vs.variables() {
+            if !is_ar_key(&name) {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+        let opt = AdamW::new(&model.vs, is_ar_key, AdamWConfig::default());
+        let ema = checkpoint::named_tensors(&model.vs, "").into_iter().filter(|(n, _)| is_ar_key(n)).collect();
+        Ok(ArTrainer { model, opt, ema })
+    }
+
+    /// One step of the rectified-flow loss on tokens z [B, L, d] with class ids [B] (after dropout).
+    pub fn step(&mut self, z: &Tensor, labels: &Tensor, lr: f64, clip: f64, ema_decay: f64) -> f64 {
+        let cfg = &self.model.config;
+        let (dim, d, mul) = (cfg.ar.dim as i64, cfg.latent_dim as i64, cfg.ar.diff_batch_mul as i64);
+        self.opt.zero_grad();
+        let cond = self.model.ar.conditions(z, labels).reshape([-1, dim]).repeat([mul, 1]);
+        let target = z.reshape([-1, d]).repeat([mul, 1]);
+        let loss = self.model.ar.head.loss(&target, &cond);
+        loss.backward();
+        self.opt.clip_grad_norm(clip);
+        self.opt.step(lr);
+        // EMA with the usual warm-up: decay_t = min(decay, (1 + t)/(10 + t)).
+        let t = self.opt.step as f64;
+        let decay = ema_decay.min((1.0 + t) / (10.0 + t));
+        let vars = self.model.vs.variables();
+        tch::no_grad(|| {
+            for (name, e) in self.ema.iter_mut() {
+                if let Some(p) = vars.get(name) {
+                    let _ = e.g_mul_scalar_(decay);
+                    let _ = e.g_add_(&(p * (1.0 - decay)));
+                }
+            }
+        });
+        loss.double_value(&[])
+    }
+
+    /// Replaces class ids by the null class with probability p.
+    pub fn drop_labels(&self, labels: &Tensor, p: f64) -> Tensor {
+        let drop = Tensor::rand([labels.size()[0]], (Kind::Float, tch::Device::Cpu)).lt(p);
+        labels.where_self(&drop.logical_not(), &labels.full_like(self.model.config.null_class() as i64))
+    }
+
+    fn train_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut t: BTreeMap<String, Tensor> =
+            checkpoint::named_tensors(&self.model.vs, "").into_iter().filter(|(n, _)| is_ar_key(n)).collect();
+        t.extend(self.opt.state());
+        t.extend(self.ema.iter().map(|(n, e)| (format!("ema.{n}"), e.shallow_clone())));
+        t
+    }
+
+    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()> {
+        let what = format!("checkpoint {}", path.display());
+        for (name, var) in self.model.vs.variables().into_iter().filter(|(n, _)| is_ar_key(n)) {
+            let src = file.tensors.get(&name).ok_or_else(|| TrainError::Mismatch(format!("{what} lacks {name}")))?;
+            let ema = file
+                .tensors
+                .get(&format!("ema.{name}"))
+                .ok_or_else(|| TrainError::Mismatch(format!("{what} lacks ema.{name}")))?;
+            if src.size() != var.size() || ema.size() != var.size() {
+                return Err(TrainError::Mismatch(format!(
+                    "{what}: {name} has shape {:?}, expected {:?}",
+                    src.size(),
+                    var.size()
+                )));
+            }
+            tch::no_grad(|| {
+                let mut v = var.shallow_clone();
+                v.copy_(src);
+            });
+            if let Some(e) = self.ema.get_mut(&name) {
+                tch::no_grad(|| e.copy_(ema));
+            }
+        }
+        self.opt
+            .load_state(&file.tensors, step as i64)
+            .map_err(|msg| TrainError::Checkpoint { path: path.display().to_string(), msg })
+    }
+
+    /// The official-layout weights to ship: EMA AR weights + the VAE.
+    pub fn export_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut t = checkpoint::named_tensors(&self.model.vs, "vae.");
+        t.extend(self.ema.iter().map(|(n, e)| (n.clone(), e.shallow_clone())));
+        t
+    }
+}
+
+pub fn train_ckpt_path(out: &Path) -> PathBuf {
+    out.join("train-ar.safetensors")
+}
+
+/// Trains (or resumes) the AR stage.
+pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
+    if args.batch == 0 || args.steps == 0 {
+        return Err(spherear_core::CoreError::Invalid("--steps and --batch must be ≥ 1".into()).into());
+    }
+    let vae_file = fit_vae::weights_path(&args.vae);
+    if !vae_file.exists() {
+        return Err(TrainError::Checkpoint {
+            path: vae_file.display().to_string(),
+            msg: "not found: train the VAE first (trainer fit --stage vae)".into(),
+        });
+    }
+    let vae = VaeModel::load(&vae_file, None)?;
+    let config = vae.config.clone();
+    let cfg_path = args.out.join("config.json");
+    if cfg_path.exists() {
+        checkpoint::check_config(&cfg_path, &ModelConfig::load(&cfg_path)?, &config)?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
+    let t_lat = std::time::Instant::now();
+    let latents = encode_dataset(&vae, &vae_file, args, &args.out.join("latents.safetensors"))?;
+    let latent_seconds = t_lat.elapsed().as_secs_f64();
+
+    tch::manual_seed(args.seed as i64);
+    let mut tr = ArTrainer::new(&config, Some(&vae))?;
+    let ckpt = train_ckpt_path(&args.out);
+    let mut start = 0;
+    if let Some((step, file)) = checkpoint::load_train(&ckpt, "ar", &config)? {
+        tr.restore(&file, step, &ckpt)?;
+        start = step;
+        eprintln!("resuming AR training from step {start} ({})", ckpt.display());
+        tch::manual_seed(args.seed as i64 + start as i64);
+    }
+    let mut shuffler = Shuffler::with_position(latents.len(), args.seed, (start * args.batch) as u64);
+    let radius = config.radius() as f64;
+    let p_drop = config.ar.class_dropout;
+    let mut smooth = None::<f64>;
+    let tr_cell = std::cell::RefCell::new(&mut tr);
+    let outcome = fitloop::run(
+        "ar",
+        start,
+        args.steps,
+        args.ckpt_every,
+        stop,
+        args.progress,
+        |step| {
+            let mut tr = tr_cell.borrow_mut();
+            let (z, labels) = latents.sample(&shuffler.next_batch(args.batch), radius);
+            let labels = tr.drop_labels(&labels, p_drop);
+            let lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
+            let loss = tr.step(&z, &labels, lr, args.clip, args.ema_decay);
+            let sm = smooth.map_or(loss, |v| 0.98 * v + 0.02 * loss);
+            smooth = Some(sm);
+            Ok((loss, format!("loss {loss:.4} (avg {sm:.4}) lr {lr:.1e}")))
+        },
+        |step| {
+            let tr = tr_cell.borrow();
+            checkpoint::save_train(&ckpt, "ar", step, args.steps, &config, tr.train_tensors())
+        },
+    )?;
+    let report = ArFitReport {
+        resumed_from: start,
+        steps_done: outcome.step,
+        total_steps: args.steps,
+        interrupted: outcome.interrupted,
+        first_loss: outcome.first_loss,
+        last_loss: outcome.last_loss,
+        train_seconds: outcome.seconds,
+        latent_seconds,
+    };
+    if !report.interrupted {
+        tr.model.save_tensors(&args.out, tr.export_tensors(), "ar")?;
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        spherear_core::fsutil::write_atomic(&args.out.join("ar-metrics.json"), json.as_bytes())?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,68 @@
+//! The training loop shared by every stage: progress bar, periodic atomic checkpoints, Ctrl-C
+//! (a checkpoint, then a clean stop), divergence check.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::error::{Result, TrainError};
+use crate::progress;
+
+/// How a run of the loop ended.
+#[derive(Debug, Clone)]
+pub struct LoopOutcome {
+    pub step: usize,
+    pub interrupted: bool,
+    /// Mean loss of the first and last (up to) 50 steps of this invocation.
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Runs `step_fn(step)` (returning the loss and a status message) from `start` to `total`, saving with
+/// `save(step)` every `ckpt_every` steps, at the end, and when `stop` is raised.
+pub fn run(
+    label: &str,
+    start: usize,
+    total: usize,
+    ckpt_every: usize,
+    stop: &AtomicBool,
+    show_progress: bool,
+    mut step_fn: impl FnMut(usize) -> Result<(f64, String)>,
+    mut save: impl FnMut(usize) -> Result<()>,
+) -> Result<LoopOutcome> {
+    let bar = progress::bar(total as u64, start as u64, label, show_progress);
+    let t0 = Instant::now();
+    let mut losses: Vec<f64> = Vec::new();
+    let mut step = start;
+    let mut interrupted = false;
+    while step < total {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let (loss, msg) = step_fn(step)?;
+        if !loss.is_finite() {
+            return Err(TrainError::Mismatch(format!("{label} loss became {loss} at step {step}; lower --lr")));
+        }
+        losses.push(loss);
+        step += 1;
+        bar.set_position(step as u64);
+        bar.set_message(msg);
+        if step % ckpt_every.max(1) == 0 && step < total {
+            save(step)?;
+        }
+    }
+    if step > start || !interrupted {
+        save(step)?;
+    }
+    bar.finish_and_clear();
+    let mean = |s: &[f64]| (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64);
+    let k = losses.len().min(50);
+    Ok(LoopOutcome {
+        step,
+        interrupted,
+        first_loss: mean(&losses[..k]),
+        last_loss: mean(&losses[losses.len() - k..]),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
