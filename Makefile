@@ -4,7 +4,12 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 PRESET ?= fmnist-32
-VAE_STEPS ?= 3000
+VAE_STEPS ?= 2000
+AR_STEPS ?= 2000
+AR_BATCH ?= 16
+CFG ?= 3.0
+SAMPLE_STEPS ?= 50
+TRAINER := ./target/release/trainer
 CARGO_FLAGS ?= --release
 
 # libtorch from the torch wheel in the venv (tch 0.26 needs libtorch 2.13.0 exactly).
@@ -29,8 +34,16 @@ build: setup
 test: setup
 	cargo test $(CARGO_FLAGS) --workspace
 
-demo: build
-	./target/release/trainer fit --stage vae --preset $(PRESET) --data fashion-mnist --out $(RUN) --steps $(VAE_STEPS)
+# Finished stages are reused (their weight files are make targets); an interrupted stage resumes.
+demo: build $(RUN)/vae.safetensors $(RUN)/ar.safetensors
+	$(TRAINER) sample --checkpoint $(RUN) --per-class 8 --cfg $(CFG) --steps $(SAMPLE_STEPS) --seed 7 --out $(RUN)/grid-tch.png
+	@echo "== metrics =="; cat $(RUN)/vae-metrics.json $(RUN)/ar-metrics.json
+
+$(RUN)/vae.safetensors:
+	$(TRAINER) fit --stage vae --preset $(PRESET) --data fashion-mnist --out $(RUN) --steps $(VAE_STEPS)
+
+$(RUN)/ar.safetensors: $(RUN)/vae.safetensors
+	$(TRAINER) fit --stage ar --preset $(PRESET) --vae $(RUN) --data fashion-mnist --out $(RUN) --steps $(AR_STEPS) --batch $(AR_BATCH)
 
 clean-demo:
 	rm -rf $(RUN)

@@ -142,11 +142,11 @@ impl ModelConfig {
                 num_classes: 10,
                 cls_token_num: 4,
                 ar: ArConfig {
-                    dim: 192,
-                    n_layer: 6,
-                    n_head: 6,
-                    head_blocks: 3,
-                    head_dim: 192,
+                    dim: 128,
+                    n_layer: 4,
+                    n_head: 4,
+                    head_blocks: 2,
+                    head_dim: 128,
                     head_adaln_blocks: 1,
                     diff_batch_mul: 4,
                     class_dropout: 0.1,
@@ -279,6 +279,15 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// True when the S-VAE of `other` is interchangeable with this one (same image grid, latent and VAE
+    /// layout): an AR model of this config can be trained on that VAE's latents.
+    pub fn same_vae(&self, other: &ModelConfig) -> bool {
+        self.image_size == other.image_size
+            && self.patch_size == other.patch_size
+            && self.latent_dim == other.latent_dim
+            && self.vae == other.vae
     }
 
     pub fn from_json(text: &str) -> Result<Self, CoreError> {

@@ -7,11 +7,13 @@
 //! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
 //! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
 //! - [`fsutil`]: atomic writes
+//! - [`manifest`]: `manifest.json` of an ONNX export (serde types, load + format-version check)
 
 pub mod config;
 pub mod data;
 pub mod fsutil;
 pub mod keys;
+pub mod manifest;
 pub mod noise;
 pub mod rope;
 pub mod schedule;

@@ -128,8 +128,14 @@ pub fn named_tensors(vs: &VarStore, prefix: &str) -> BTreeMap<String, Tensor> {
 }
 
 /// Checks that a stored config matches the one asked for, naming both presets when they differ.
+/// For the VAE stage only the VAE part (and the preset name) must agree.
 pub fn check_config(path: &Path, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
-    if stored != wanted {
+    check_stage_config(path, "ar", stored, wanted)
+}
+
+pub fn check_stage_config(path: &Path, stage: &str, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
+    let same = if stage == "vae" { stored.name == wanted.name && stored.same_vae(wanted) } else { stored == wanted };
+    if !same {
         return Err(ck_err(
             path,
             format!(
@@ -168,7 +174,7 @@ pub fn load_train(path: &Path, stage: &str, config: &ModelConfig) -> Result<Opti
     if file.meta(path, "format")? != TRAIN_FORMAT || file.meta(path, "stage")? != stage {
         return Err(ck_err(path, format!("is not a {stage} training checkpoint")));
     }
-    check_config(path, &file.config(path)?, config)?;
+    check_stage_config(path, stage, &file.config(path)?, config)?;
     let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
     Ok(Some((step, file)))
 }

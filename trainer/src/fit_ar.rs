@@ -18,49 +18,27 @@ use crate::ar::ArModel;
 use crate::checkpoint::{self, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::{self, batch_tensor, VaeModel};
-use crate::fitloop;
-use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::fitloop::{self, TrainArgs};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::progress;
 use crate::psd::PowerSpherical;
 
-/// Hyper-parameters of the AR stage.
+/// Settings of the AR stage.
 #[derive(Debug, Clone)]
 pub struct ArFitArgs {
     /// Run folder of a finished VAE stage (vae.safetensors + config.json).
     pub vae: PathBuf,
+    /// Preset of the AR model; its VAE part must equal the VAE run's.
+    pub preset: String,
     pub data: DataSource,
     pub out: PathBuf,
-    pub steps: usize,
-    pub batch: usize,
-    pub lr: f64,
-    pub min_lr_ratio: f64,
-    pub warmup: usize,
-    pub clip: f64,
+    pub train: TrainArgs,
     pub ema_decay: f64,
-    pub ckpt_every: usize,
-    pub seed: u64,
-    pub limit: Option<usize>,
-    pub progress: bool,
 }
 
 impl ArFitArgs {
-    pub fn new(vae: PathBuf, data: DataSource, out: PathBuf) -> Self {
-        ArFitArgs {
-            vae,
-            data,
-            out,
-            steps: 2000,
-            batch: 32,
-            lr: 1e-3,
-            min_lr_ratio: 0.05,
-            warmup: 100,
-            clip: 1.0,
-            ema_decay: 0.999,
-            ckpt_every: 250,
-            seed: 0,
-            limit: None,
-            progress: true,
-        }
+    pub fn new(vae: PathBuf, preset: &str, data: DataSource, out: PathBuf) -> Self {
+        ArFitArgs { vae, preset: preset.to_string(), data, out, train: TrainArgs::new(2000), ema_decay: 0.999 }
     }
 }
 
@@ -105,7 +83,7 @@ pub fn encode_dataset(vae: &VaeModel, vae_file: &Path, args: &ArFitArgs, cache: 
     let stamp = {
         let meta = std::fs::metadata(vae_file).map_err(|e| TrainError::Io(format!("{}: {e}", vae_file.display())))?;
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        format!("{}|{}|{:?}|{:?}|{:?}", vae_file.display(), meta.len(), mtime, args.data, args.limit)
+        format!("{}|{}|{:?}|{:?}|{:?}", vae_file.display(), meta.len(), mtime, args.data, args.train.limit)
     };
     if let Ok(f) = checkpoint::load(cache) {
         if f.metadata.get("stamp") == Some(&stamp) {
@@ -118,9 +96,9 @@ pub fn encode_dataset(vae: &VaeModel, vae_file: &Path, args: &ArFitArgs, cache: 
             }
         }
     }
-    let ds = data::load(&args.data, Split::Train, vae.config.image_size, args.limit)?;
+    let ds = data::load(&args.data, Split::Train, vae.config.image_size, args.train.limit)?;
     let n = ds.len();
-    let bar = progress::bar(n as u64, 0, "encode", args.progress);
+    let bar = progress::bar(n as u64, 0, "encode", args.train.progress);
     let (mut mus, mut kappas) = (Vec::new(), Vec::new());
     for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
         let x = batch_tensor(&ds, chunk, None);
@@ -252,9 +230,8 @@ pub fn train_ckpt_path(out: &Path) -> PathBuf {
 
 /// Trains (or resumes) the AR stage.
 pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
-    if args.batch == 0 || args.steps == 0 {
-        return Err(spherear_core::CoreError::Invalid("--steps and --batch must be ≥ 1".into()).into());
-    }
+    let ta = &args.train;
+    ta.validate()?;
     let vae_file = fit_vae::weights_path(&args.vae);
     if !vae_file.exists() {
         return Err(TrainError::Checkpoint {
@@ -263,10 +240,19 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
         });
     }
     let vae = VaeModel::load(&vae_file, None)?;
-    let config = vae.config.clone();
+    let config = ModelConfig::preset(&args.preset)?;
+    if !config.same_vae(&vae.config) {
+        return Err(TrainError::Checkpoint {
+            path: vae_file.display().to_string(),
+            msg: format!(
+                "its VAE (preset '{}') differs from the VAE of preset '{}' (image size, patch, latent or VAE widths)",
+                vae.config.name, config.name
+            ),
+        });
+    }
     let cfg_path = args.out.join("config.json");
     if cfg_path.exists() {
-        checkpoint::check_config(&cfg_path, &ModelConfig::load(&cfg_path)?, &config)?;
+        checkpoint::check_stage_config(&cfg_path, "vae", &ModelConfig::load(&cfg_path)?, &config)?;
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
@@ -274,7 +260,7 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     let latents = encode_dataset(&vae, &vae_file, args, &args.out.join("latents.safetensors"))?;
     let latent_seconds = t_lat.elapsed().as_secs_f64();
 
-    tch::manual_seed(args.seed as i64);
+    tch::manual_seed(ta.seed as i64);
     let mut tr = ArTrainer::new(&config, Some(&vae))?;
     let ckpt = train_ckpt_path(&args.out);
     let mut start = 0;
@@ -282,9 +268,9 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
         tr.restore(&file, step, &ckpt)?;
         start = step;
         eprintln!("resuming AR training from step {start} ({})", ckpt.display());
-        tch::manual_seed(args.seed as i64 + start as i64);
+        tch::manual_seed(ta.seed as i64 + start as i64);
     }
-    let mut shuffler = Shuffler::with_position(latents.len(), args.seed, (start * args.batch) as u64);
+    let mut shuffler = Shuffler::with_position(latents.len(), ta.seed, (start * ta.batch) as u64);
     let radius = config.radius() as f64;
     let p_drop = config.ar.class_dropout;
     let mut smooth = None::<f64>;
@@ -292,29 +278,29 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     let outcome = fitloop::run(
         "ar",
         start,
-        args.steps,
-        args.ckpt_every,
+        ta.steps,
+        ta.ckpt_every,
         stop,
-        args.progress,
+        ta.progress,
         |step| {
             let mut tr = tr_cell.borrow_mut();
-            let (z, labels) = latents.sample(&shuffler.next_batch(args.batch), radius);
+            let (z, labels) = latents.sample(&shuffler.next_batch(ta.batch), radius);
             let labels = tr.drop_labels(&labels, p_drop);
-            let lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
-            let loss = tr.step(&z, &labels, lr, args.clip, args.ema_decay);
+            let lr = ta.lr_at(step);
+            let loss = tr.step(&z, &labels, lr, ta.clip, args.ema_decay);
             let sm = smooth.map_or(loss, |v| 0.98 * v + 0.02 * loss);
             smooth = Some(sm);
             Ok((loss, format!("loss {loss:.4} (avg {sm:.4}) lr {lr:.1e}")))
         },
         |step| {
             let tr = tr_cell.borrow();
-            checkpoint::save_train(&ckpt, "ar", step, args.steps, &config, tr.train_tensors())
+            checkpoint::save_train(&ckpt, "ar", step, ta.steps, &config, tr.train_tensors())
         },
     )?;
     let report = ArFitReport {
         resumed_from: start,
         steps_done: outcome.step,
-        total_steps: args.steps,
+        total_steps: ta.steps,
         interrupted: outcome.interrupted,
         first_loss: outcome.first_loss,
         last_loss: outcome.last_loss,

@@ -14,31 +14,21 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
 use crate::error::{Result, TrainError};
-use crate::fitloop;
-use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::fitloop::{self, TrainArgs};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::vae::Vae;
 
-/// Hyper-parameters of the VAE stage.
+/// Settings of the VAE stage.
 #[derive(Debug, Clone)]
 pub struct VaeFitArgs {
     pub preset: String,
     pub data: DataSource,
     pub out: PathBuf,
-    pub steps: usize,
-    pub batch: usize,
-    pub lr: f64,
-    pub min_lr_ratio: f64,
-    pub warmup: usize,
+    pub train: TrainArgs,
     pub kl_weight: f64,
-    pub clip: f64,
-    pub ckpt_every: usize,
-    pub seed: u64,
     pub flip: bool,
     /// Held-out images scored for PSNR at the end.
     pub eval_images: usize,
-    /// Use only the first N training images (tests, quick runs).
-    pub limit: Option<usize>,
-    pub progress: bool,
 }
 
 impl VaeFitArgs {
@@ -47,19 +37,10 @@ impl VaeFitArgs {
             preset: preset.to_string(),
             data,
             out,
-            steps: 3000,
-            batch: 32,
-            lr: 1e-3,
-            min_lr_ratio: 0.05,
-            warmup: 100,
+            train: TrainArgs::new(2000),
             kl_weight: 0.004,
-            clip: 1.0,
-            ckpt_every: 250,
-            seed: 0,
             flip: false,
             eval_images: 1000,
-            limit: None,
-            progress: true,
         }
     }
 }
@@ -108,7 +89,7 @@ impl VaeModel {
         let file = checkpoint::load(path)?;
         let stored = file.config(path)?;
         if let Some(c) = config {
-            checkpoint::check_config(path, &stored, c)?;
+            checkpoint::check_stage_config(path, "vae", &stored, c)?;
         }
         let m = VaeModel::new(&stored);
         checkpoint::load_into(&m.vs, &file.tensors, "vae.", &format!("checkpoint {}", path.display()))?;
@@ -179,24 +160,23 @@ pub fn run_config(out: &Path, preset: &str) -> Result<ModelConfig> {
     let cfg_path = out.join("config.json");
     if cfg_path.exists() {
         let stored = ModelConfig::load(&cfg_path)?;
-        checkpoint::check_config(&cfg_path, &stored, &wanted)?;
+        checkpoint::check_stage_config(&cfg_path, "vae", &stored, &wanted)?;
     }
     Ok(wanted)
 }
 
 /// Trains (or resumes) the VAE stage; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
 pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
-    if args.batch == 0 || args.steps == 0 {
-        return Err(TrainError::Core(spherear_core::CoreError::Invalid("--steps and --batch must be ≥ 1".into())));
-    }
+    let ta = &args.train;
+    ta.validate()?;
     let config = run_config(&args.out, &args.preset)?;
-    let train = data::load(&args.data, Split::Train, config.image_size, args.limit)?;
+    let train = data::load(&args.data, Split::Train, config.image_size, ta.limit)?;
     let held_out = data::load(&args.data, Split::Test, config.image_size, Some(args.eval_images.max(1)))?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
     config.save(&args.out.join("config.json"))?;
 
-    tch::manual_seed(args.seed as i64);
+    tch::manual_seed(ta.seed as i64);
     let m = VaeModel::new(&config);
     let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
     let ckpt = train_ckpt_path(&args.out);
@@ -207,37 +187,37 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
         opt.load_state(&file.tensors, start as i64)
             .map_err(|msg| TrainError::Checkpoint { path: ckpt.display().to_string(), msg })?;
         eprintln!("resuming VAE training from step {start} ({})", ckpt.display());
-        tch::manual_seed(args.seed as i64 + start as i64);
+        tch::manual_seed(ta.seed as i64 + start as i64);
     }
 
-    let mut shuffler = Shuffler::with_position(train.len(), args.seed, (start * args.batch) as u64);
-    let mut flip_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed ^ start as u64);
+    let mut shuffler = Shuffler::with_position(train.len(), ta.seed, (start * ta.batch) as u64);
+    let mut flip_rng = ChaCha8Rng::seed_from_u64(ta.seed ^ 0x5eed ^ start as u64);
     let mut smooth = None::<f64>;
     let opt = std::cell::RefCell::new(opt);
     let outcome = fitloop::run(
         "vae",
         start,
-        args.steps,
-        args.ckpt_every,
+        ta.steps,
+        ta.ckpt_every,
         stop,
-        args.progress,
+        ta.progress,
         |step| {
-            let idx = shuffler.next_batch(args.batch);
+            let idx = shuffler.next_batch(ta.batch);
             let x = batch_tensor(&train, &idx, args.flip.then_some(&mut flip_rng));
-            let lr = lr_at(step, args.steps, args.warmup, args.lr, args.min_lr_ratio);
-            let s = train_step(&m, &mut opt.borrow_mut(), &x, args.kl_weight, args.clip, lr);
+            let lr = ta.lr_at(step);
+            let s = train_step(&m, &mut opt.borrow_mut(), &x, args.kl_weight, ta.clip, lr);
             let sm = smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
             smooth = Some(sm);
             let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
             Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
         },
-        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, args.steps),
+        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps),
     )?;
     let interrupted = outcome.interrupted;
     let mut report = VaeFitReport {
         resumed_from: start,
         steps_done: outcome.step,
-        total_steps: args.steps,
+        total_steps: ta.steps,
         interrupted,
         first_loss: outcome.first_loss,
         last_loss: outcome.last_loss,

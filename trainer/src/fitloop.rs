@@ -7,6 +7,53 @@ use std::time::Instant;
 use crate::error::{Result, TrainError};
 use crate::progress;
 
+/// Optimisation and loop settings shared by every stage.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    pub steps: usize,
+    pub batch: usize,
+    /// Peak learning rate; linear warmup over `warmup` steps, then cosine decay to `lr · min_lr_ratio`.
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: usize,
+    /// Maximum global gradient norm.
+    pub clip: f64,
+    pub ckpt_every: usize,
+    pub seed: u64,
+    /// Use only the first N training images (tests, quick runs).
+    pub limit: Option<usize>,
+    pub progress: bool,
+}
+
+impl TrainArgs {
+    pub fn new(steps: usize) -> Self {
+        TrainArgs {
+            steps,
+            batch: 32,
+            lr: 1e-3,
+            min_lr_ratio: 0.05,
+            warmup: 100,
+            clip: 1.0,
+            ckpt_every: 250,
+            seed: 0,
+            limit: None,
+            progress: true,
+        }
+    }
+
+    /// Learning rate at `step`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        crate::optim::lr_at(step, self.steps, self.warmup, self.lr, self.min_lr_ratio)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.steps == 0 {
+            return Err(spherear_core::CoreError::Invalid("--steps and --batch must be ≥ 1".into()).into());
+        }
+        Ok(())
+    }
+}
+
 /// How a run of the loop ended.
 #[derive(Debug, Clone)]
 pub struct LoopOutcome {

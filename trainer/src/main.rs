@@ -10,6 +10,7 @@ use spherear_core::data::{parse_source, save_grid_png};
 use trainer::ar::ArModel;
 use trainer::fit_ar::{fit_ar, ArFitArgs};
 use trainer::fit_vae::{fit_vae, VaeFitArgs};
+use trainer::fitloop::TrainArgs;
 use trainer::sample::{decode, sample_tokens, SampleRequest};
 
 #[derive(Parser)]
@@ -35,8 +36,8 @@ struct FitArgs {
     /// Which model to train.
     #[arg(long, value_enum)]
     stage: Stage,
-    /// Model preset for the VAE stage: fmnist-32 (CPU default), tiny (tests), spherear-b|l|h (official sizes).
-    /// The AR stage takes its config from the VAE run.
+    /// Model preset: fmnist-32 (CPU default), tiny (tests), spherear-b|l|h (official sizes). For the AR
+    /// stage the preset's VAE part must equal the VAE run's.
     #[arg(long, default_value = "fmnist-32")]
     preset: String,
     /// AR stage: run folder of the trained VAE (vae.safetensors + config.json).
@@ -49,7 +50,7 @@ struct FitArgs {
     /// Run folder: config.json, checkpoints, weights, metrics and PNGs go here.
     #[arg(long)]
     out: PathBuf,
-    /// Total optimisation steps (default: 3000 for vae, 2000 for ar).
+    /// Total optimisation steps (default: 2000 for each stage).
     #[arg(long)]
     steps: Option<usize>,
     /// Images per step.
@@ -201,20 +202,27 @@ fn interrupted(step: usize, total: usize) -> ! {
     std::process::exit(130);
 }
 
+fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
+    TrainArgs {
+        steps: f.steps.unwrap_or(default_steps),
+        batch: f.batch,
+        lr: f.lr,
+        min_lr_ratio: 0.05,
+        warmup: f.warmup,
+        clip: f.clip,
+        ckpt_every: f.ckpt_every,
+        seed: f.seed,
+        limit: f.limit,
+        progress: !f.quiet,
+    }
+}
+
 fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let mut a = VaeFitArgs::new(&f.preset, parse_source(&f.data), f.out.clone());
-    a.steps = f.steps.unwrap_or(3000);
-    a.batch = f.batch;
-    a.lr = f.lr;
-    a.warmup = f.warmup;
+    a.train = train_args(f, 2000);
     a.kl_weight = f.kl_weight;
-    a.clip = f.clip;
-    a.ckpt_every = f.ckpt_every;
-    a.seed = f.seed;
     a.flip = f.flip;
-    a.limit = f.limit;
     a.eval_images = f.eval_images;
-    a.progress = !f.quiet;
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
     if r.interrupted {
         interrupted(r.steps_done, r.total_steps);
@@ -240,17 +248,9 @@ fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
 
 fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let Some(vae) = f.vae.clone() else { bail!("--stage ar needs --vae RUN_FOLDER (a finished VAE stage)") };
-    let mut a = ArFitArgs::new(vae, parse_source(&f.data), f.out.clone());
-    a.steps = f.steps.unwrap_or(2000);
-    a.batch = f.batch;
-    a.lr = f.lr;
-    a.warmup = f.warmup;
-    a.clip = f.clip;
+    let mut a = ArFitArgs::new(vae, &f.preset, parse_source(&f.data), f.out.clone());
+    a.train = train_args(f, 2000);
     a.ema_decay = f.ema_decay;
-    a.ckpt_every = f.ckpt_every;
-    a.seed = f.seed;
-    a.limit = f.limit;
-    a.progress = !f.quiet;
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
     if r.interrupted {
         interrupted(r.steps_done, r.total_steps);

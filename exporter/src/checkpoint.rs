@@ -1,0 +1,224 @@
+//! Checkpoint folders as the trainer writes them: `config.json` plus `ar.safetensors` (AR EMA weights and
+//! `vae.*`) or, after the VAE stage only, `vae.safetensors` (`vae.*` only). Reading validates the format
+//! tag, that the config stored in the safetensors metadata equals `config.json`, and every key and shape
+//! against [`spherear_core::keys`]. Also writes random-init checkpoints for tests and demos.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, TensorView};
+use spherear_core::keys::{all_keys, vae_keys, KeySpec};
+use spherear_core::rope::rope_2d;
+use spherear_core::ModelConfig;
+
+use crate::error::{io_err, ExportError, Result};
+
+/// The `format` metadata of weight files.
+pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
+
+/// Which training stage a checkpoint comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// `ar.safetensors`: everything; all four graphs are exported.
+    Ar,
+    /// `vae.safetensors`: the S-VAE only; only the decoder is exported.
+    Vae,
+}
+
+impl Stage {
+    /// The `stage` metadata value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Ar => "ar",
+            Stage::Vae => "vae",
+        }
+    }
+    fn file(self) -> &'static str {
+        match self {
+            Stage::Ar => "ar.safetensors",
+            Stage::Vae => "vae.safetensors",
+        }
+    }
+}
+
+/// One f32 tensor.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A validated checkpoint held in memory as f32.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub stage: Stage,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn ck(path: &Path, msg: impl Into<String>) -> ExportError {
+    ExportError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let b2 = |c: &[u8]| [c[0], c[1]];
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes(b2(c)).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes(b2(c)).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Reads and validates the checkpoint folder `dir`.
+    pub fn load(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(ck(dir, "no such checkpoint folder"));
+        }
+        let config = ModelConfig::load(&dir.join("config.json")).map_err(|e| ck(dir, e.to_string()))?;
+        let stage = [Stage::Ar, Stage::Vae]
+            .into_iter()
+            .find(|s| dir.join(s.file()).is_file())
+            .ok_or_else(|| ck(dir, "holds neither ar.safetensors nor vae.safetensors"))?;
+        let path = dir.join(stage.file());
+        let bytes = std::fs::read(&path).map_err(|e| ck(&path, format!("cannot read: {e}")))?;
+        let bad = |e: safetensors::SafeTensorError| ck(&path, format!("not a valid safetensors file ({e})"));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bad)?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| meta.get(k).map(String::as_str).ok_or_else(|| ck(&path, format!("metadata '{k}' missing")));
+        if get("format")? != WEIGHTS_FORMAT {
+            return Err(ck(&path, format!("format '{}' is not {WEIGHTS_FORMAT}", get("format")?)));
+        }
+        let stored = ModelConfig::from_json(get("config")?).map_err(|e| ck(&path, e.to_string()))?;
+        if stored != config {
+            return Err(ck(
+                &path,
+                format!(
+                    "checkpoint/config mismatch: the weights were written for config '{}' but config.json describes \
+                     '{}' (fields that differ: {})",
+                    stored.name,
+                    config.name,
+                    config_diff(&stored, &config).join(", ")
+                ),
+            ));
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(bad)?;
+        let want = match stage {
+            Stage::Ar => all_keys(&config),
+            Stage::Vae => vae_keys(&config),
+        };
+        let mut problems = Vec::new();
+        let mut tensors = HashMap::with_capacity(want.len());
+        for KeySpec { name, shape } in &want {
+            match st.tensor(name) {
+                Err(_) => problems.push(format!("missing {name}")),
+                Ok(v) if v.shape() != shape.as_slice() => {
+                    problems.push(format!("{name} has shape {:?}, config wants {shape:?}", v.shape()))
+                }
+                Ok(v) => match to_f32(v.dtype(), v.data()) {
+                    Some(data) => {
+                        tensors.insert(name.clone(), Tensor { shape: shape.clone(), data });
+                    }
+                    None => problems.push(format!("{name} has unsupported dtype {:?}", v.dtype())),
+                },
+            }
+        }
+        let extra = st.names().into_iter().filter(|n| !tensors.contains_key(*n) && !want.iter().any(|k| &k.name == *n));
+        problems.extend(extra.map(|n| format!("unexpected {n}")));
+        if !problems.is_empty() {
+            problems.sort();
+            let n = problems.len();
+            problems.truncate(6);
+            return Err(ck(
+                &path,
+                format!(
+                    "checkpoint/config mismatch: {}{}",
+                    problems.join("; "),
+                    if n > 6 { format!(" (+{} more)", n - 6) } else { String::new() }
+                ),
+            ));
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, stage, tensors })
+    }
+
+    /// The tensor `key` (validated at load time).
+    pub fn tensor(&self, key: &str) -> Result<&Tensor> {
+        self.tensors.get(key).ok_or_else(|| ck(&self.dir, format!("tensor {key} is not in this checkpoint")))
+    }
+}
+
+/// Dotted paths of the fields where two configs differ.
+fn config_diff(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+    fn walk(a: &serde_json::Value, b: &serde_json::Value, path: String, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                for (k, v) in x {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(v, y.get(k).unwrap_or(&serde_json::Value::Null), p, out);
+                }
+            }
+            _ if a != b => out.push(path),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let (x, y) = (serde_json::to_value(a), serde_json::to_value(b));
+    if let (Ok(x), Ok(y)) = (x, y) {
+        walk(&x, &y, String::new(), &mut out);
+    }
+    out
+}
+
+/// Writes a random-init checkpoint folder for `cfg`: config.json plus `ar.safetensors` with every official
+/// key (`Stage::Ar`) or `vae.safetensors` with the `vae.*` keys (`Stage::Vae`). Linear/conv weights are uniform with variance 1/fan_in, norm weights 1 ± 0.1,
+/// biases ±0.1, so activations stay O(1) and every parameter matters; the VAE RoPE buffers get their
+/// real values. Meant for tests and size checks, not for sampling.
+pub fn write_random(cfg: &ModelConfig, dir: &Path, seed: u64, stage: Stage) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keys = match stage {
+        Stage::Ar => all_keys(cfg),
+        Stage::Vae => vae_keys(cfg),
+    };
+    let mut bufs = Vec::with_capacity(keys.len());
+    for k in &keys {
+        let n: usize = k.shape.iter().product();
+        let data: Vec<f32> = if k.name.ends_with("freqs_cis") {
+            rope_2d(cfg.grid(), cfg.vae.head_dim(), cfg.vae.register_tokens)?.data
+        } else if k.shape.len() == 1 {
+            let base = if k.name.ends_with(".weight") { 1.0 } else { 0.0 };
+            (0..n).map(|_| base + rng.gen_range(-0.1f32..0.1)).collect()
+        } else {
+            let fan_in: usize = k.shape[1..].iter().product();
+            let a = (3.0 / fan_in as f32).sqrt();
+            (0..n).map(|_| rng.gen_range(-a..a)).collect()
+        };
+        bufs.push(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    }
+    let views = keys
+        .iter()
+        .zip(&bufs)
+        .map(|(k, b)| {
+            TensorView::new(Dtype::F32, k.shape.clone(), b)
+                .map(|v| (k.name.clone(), v))
+                .map_err(|e| ExportError::Invalid(format!("{}: {e}", k.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), WEIGHTS_FORMAT.to_string()),
+        ("stage".to_string(), stage.name().to_string()),
+        ("config".to_string(), cfg.to_json()),
+    ]
+    .into();
+    let path = dir.join(stage.file());
+    let tmp = spherear_core::fsutil::tmp_sibling(&path);
+    safetensors::serialize_to_file(views, &Some(meta), &tmp)
+        .map_err(|e| ExportError::Io(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(format!("cannot write {}", path.display())))?;
+    cfg.save(&dir.join("config.json"))?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! exporter: writes a SphereAR checkpoint (safetensors + config.json) as ONNX graphs plus a manifest,
+//! without libtorch.
+//!
+//! - [`onnx`]: a small typed graph builder over the ONNX protos, with checkpoint weights streamed into one
+//!   external-data file shared by all graphs
+//! - [`checkpoint`]: reading and validating checkpoints; writing random-init ones for tests
+//! - [`graphs`]: the four graphs (`ar_prefill`, `ar_step`, `head_step`, `decoder`)
+//! - [`export`]: the `exporter onnx` command: atomic output folder and `manifest.json`
+
+pub mod checkpoint;
+pub mod error;
+pub mod export;
+pub mod graphs;
+pub mod onnx;
+
+pub use error::{ExportError, Result};
+pub use export::{export, ExportOptions, Manifest};

@@ -1,0 +1,91 @@
+//! `exporter`: SphereAR checkpoint → ONNX graphs + manifest (no libtorch).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use exporter::checkpoint::Stage;
+use exporter::{export, ExportOptions};
+
+#[derive(Parser)]
+#[command(name = "exporter", version, about = "Export SphereAR checkpoints as ONNX graphs with a manifest")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write ar_prefill, ar_step, head_step and decoder graphs, weights.bin and manifest.json.
+    Onnx {
+        /// Checkpoint folder written by the trainer: config.json plus ar.safetensors (all graphs) or
+        /// vae.safetensors (decoder only).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output folder; it appears whole or not at all. Must not exist or be empty unless --force.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights, activations and KV cache in fp16; norm statistics, softmax and the time embedding stay fp32.
+        #[arg(long)]
+        fp16: bool,
+        /// Largest batch the runtime will use (recorded in the manifest for TensorRT profiles; graphs
+        /// are batch-agnostic). CFG doubles the batch, so count both halves.
+        #[arg(long, default_value_t = 64)]
+        max_batch: usize,
+        /// Replace an existing non-empty output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a random-init checkpoint folder for a preset (tests, size checks; not for sampling).
+    RandomCheckpoint {
+        /// Preset name (spherear-b, spherear-l, spherear-h, fmnist-32, tiny).
+        #[arg(long)]
+        preset: String,
+        /// Checkpoint folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write only the S-VAE (vae.safetensors, as after `trainer fit --stage vae`).
+        #[arg(long)]
+        vae_only: bool,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Onnx { checkpoint, out, fp16, max_batch, force } => {
+            let opts = ExportOptions { checkpoint, out, fp16, max_batch, force };
+            let m = export(&opts).context("export failed")?;
+            println!(
+                "wrote {} ({} graphs, {} parameters in {} = {} bytes, {:?})",
+                opts.out.display(),
+                m.graphs.len(),
+                m.weights.parameters,
+                m.weights.file,
+                m.weights.bytes,
+                m.precision.compute
+            );
+        }
+        Cmd::RandomCheckpoint { preset, out, seed, vae_only } => {
+            let stage = if vae_only { Stage::Vae } else { Stage::Ar };
+            let cfg = spherear_core::ModelConfig::preset(&preset)?;
+            exporter::checkpoint::write_random(&cfg, &out, seed, stage)
+                .with_context(|| format!("cannot write a random checkpoint to {}", out.display()))?;
+            println!("wrote random {preset} checkpoint to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
