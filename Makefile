@@ -9,7 +9,9 @@ AR_STEPS ?= 2000
 AR_BATCH ?= 16
 CFG ?= 3.0
 SAMPLE_STEPS ?= 50
+EXPORT ?= export/demo
 TRAINER := ./target/release/trainer
+EXPORTER := ./target/release/exporter
 CARGO_FLAGS ?= --release
 
 # libtorch from the torch wheel in the venv (tch 0.26 needs libtorch 2.13.0 exactly).
@@ -35,15 +37,19 @@ test: setup
 	cargo test $(CARGO_FLAGS) --workspace
 
 # Finished stages are reused (their weight files are make targets); an interrupted stage resumes.
-demo: build $(RUN)/vae.safetensors $(RUN)/ar.safetensors
+demo: build $(RUN)/vae.safetensors $(RUN)/ar.safetensors $(EXPORT)/manifest.json
 	$(TRAINER) sample --checkpoint $(RUN) --per-class 8 --cfg $(CFG) --steps $(SAMPLE_STEPS) --seed 7 --out $(RUN)/grid-tch.png
-	@echo "== metrics =="; cat $(RUN)/vae-metrics.json $(RUN)/ar-metrics.json
+	@echo "== VAE (held-out PSNR, dB) =="; cat $(RUN)/vae-metrics.json; echo
+	@echo "== AR =="; cat $(RUN)/ar-metrics.json; echo
 
 $(RUN)/vae.safetensors:
 	$(TRAINER) fit --stage vae --preset $(PRESET) --data fashion-mnist --out $(RUN) --steps $(VAE_STEPS)
+
+$(EXPORT)/manifest.json: $(RUN)/ar.safetensors
+	$(EXPORTER) onnx --checkpoint $(RUN) --out $(EXPORT) --force
 
 $(RUN)/ar.safetensors: $(RUN)/vae.safetensors
 	$(TRAINER) fit --stage ar --preset $(PRESET) --vae $(RUN) --data fashion-mnist --out $(RUN) --steps $(AR_STEPS) --batch $(AR_BATCH)
 
 clean-demo:
-	rm -rf $(RUN)
+	rm -rf $(RUN) $(EXPORT)
