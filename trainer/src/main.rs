@@ -97,7 +97,7 @@ struct SampleArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Comma-separated class ids, one grid row each, in this order (default: every class).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     classes: Option<Vec<i64>>,
     /// Images per class (grid columns).
     #[arg(long, default_value_t = 1)]

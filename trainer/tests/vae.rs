@@ -11,6 +11,9 @@ use trainer::checkpoint;
 use trainer::fit_vae::{batch_tensor, train_ckpt_path, train_step, VaeModel};
 use trainer::optim::{AdamW, AdamWConfig};
 
+mod common;
+use common::{trainer, write_image_folder};
+
 fn official_keys(prefix: &str) -> BTreeMap<String, Vec<i64>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/official-state-dict-B.txt");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -111,38 +114,6 @@ fn dataset_batches_feed_the_model() {
 }
 
 // ---------- the CLI: resume after a kill, Ctrl-C, bad input ----------
-
-/// An ImageFolder with two classes of `per_class` 16×16 PNGs.
-fn write_image_folder(root: &Path, per_class: usize) {
-    for (c, name) in ["circles", "stripes"].iter().enumerate() {
-        let d = root.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for i in 0..per_class {
-            let img = image::RgbImage::from_fn(16, 16, |x, y| {
-                let v = if c == 0 {
-                    let (dx, dy) = (x as i32 - 8, y as i32 - 8);
-                    if dx * dx + dy * dy < (3 + i as i32) * (3 + i as i32) {
-                        230
-                    } else {
-                        20
-                    }
-                } else if (x as usize + i) % 4 < 2 {
-                    200
-                } else {
-                    40
-                };
-                image::Rgb([v, (v / 2) as u8, 255 - v])
-            });
-            img.save(d.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
-
-fn trainer() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
-    c.args(["--threads", "1"]);
-    c
-}
 
 fn fit_args(data: &Path, out: &Path, steps: usize) -> Vec<String> {
     [
