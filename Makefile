@@ -8,9 +8,10 @@ VAE_STEPS ?= 2000
 AR_STEPS ?= 2000
 AR_BATCH ?= 16
 CFG ?= 3.0
-SAMPLE_STEPS ?= 50
+SAMPLE_STEPS ?= 20
 EXPORT ?= export/demo
 TRAINER := ./target/release/trainer
+RUNTIME := ./target/release/runtime
 EXPORTER := ./target/release/exporter
 CARGO_FLAGS ?= --release
 
@@ -38,7 +39,9 @@ test: setup
 
 # Finished stages are reused (their weight files are make targets); an interrupted stage resumes.
 demo: build $(RUN)/vae.safetensors $(RUN)/ar.safetensors $(EXPORT)/manifest.json
-	$(TRAINER) sample --checkpoint $(RUN) --per-class 8 --cfg $(CFG) --steps $(SAMPLE_STEPS) --seed 7 --out $(RUN)/grid-tch.png
+	$(RUNTIME) generate --model $(EXPORT) --per-class 8 --cfg $(CFG) --steps $(SAMPLE_STEPS) --seed 7 --batch 16 --out $(RUN)/grid.png
+	@echo "== reference sampler (libtorch), same seed, for comparison =="
+	$(TRAINER) sample --checkpoint $(RUN) --per-class 8 --cfg $(CFG) --steps $(SAMPLE_STEPS) --seed 7 --batch 16 --out $(RUN)/grid-tch.png
 	@echo "== VAE (held-out PSNR, dB) =="; cat $(RUN)/vae-metrics.json; echo
 	@echo "== AR =="; cat $(RUN)/ar-metrics.json; echo
 

@@ -170,8 +170,9 @@ impl Manifest {
         if !path.exists() {
             return Err(CoreError::Io(format!("model folder {} does not exist", path.display())));
         }
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| CoreError::Io(format!("cannot read {}: {e} (is this an `exporter onnx` folder?)", file.display())))?;
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            CoreError::Io(format!("cannot read {}: {e} (is this an `exporter onnx` folder?)", file.display()))
+        })?;
         Self::from_json(&text).map_err(|e| match e {
             CoreError::Config(m) => bad(&file, m),
             other => other,
@@ -266,7 +267,12 @@ mod tests {
 
     fn sample() -> Manifest {
         let cfg = ModelConfig::preset("tiny").unwrap();
-        let io = |n: &str, dt| IoSpec { name: n.into(), dtype: dt, shape: vec![Dim::Sym("batch".into())], meaning: "".into() };
+        let io = |n: &str, dt| IoSpec {
+            name: n.into(),
+            dtype: dt,
+            shape: vec![Dim::Sym("batch".into())],
+            meaning: "".into(),
+        };
         let g = |f: &str| GraphEntry {
             file: f.into(),
             doc: String::new(),

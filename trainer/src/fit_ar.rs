@@ -18,7 +18,7 @@ use crate::ar::ArModel;
 use crate::checkpoint::{self, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::{self, batch_tensor, VaeModel};
-use crate::fitloop::{self, TrainArgs};
+use crate::fitloop::{self, FitSummary, TrainArgs};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress;
 use crate::psd::PowerSpherical;
@@ -44,13 +44,9 @@ impl ArFitArgs {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ArFitReport {
-    pub resumed_from: usize,
-    pub steps_done: usize,
-    pub total_steps: usize,
-    pub interrupted: bool,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
-    pub train_seconds: f64,
+    #[serde(flatten)]
+    pub run: FitSummary,
+    /// Time spent encoding the training set (0 when the cache was reused).
     pub latent_seconds: f64,
 }
 
@@ -297,17 +293,8 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
             checkpoint::save_train(&ckpt, "ar", step, ta.steps, &config, tr.train_tensors())
         },
     )?;
-    let report = ArFitReport {
-        resumed_from: start,
-        steps_done: outcome.step,
-        total_steps: ta.steps,
-        interrupted: outcome.interrupted,
-        first_loss: outcome.first_loss,
-        last_loss: outcome.last_loss,
-        train_seconds: outcome.seconds,
-        latent_seconds,
-    };
-    if !report.interrupted {
+    let report = ArFitReport { run: FitSummary::new(start, ta.steps, &outcome), latent_seconds };
+    if !report.run.interrupted {
         tr.model.save_tensors(&args.out, tr.export_tensors(), "ar")?;
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
         spherear_core::fsutil::write_atomic(&args.out.join("ar-metrics.json"), json.as_bytes())?;

@@ -14,7 +14,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
 use crate::error::{Result, TrainError};
-use crate::fitloop::{self, TrainArgs};
+use crate::fitloop::{self, FitSummary, TrainArgs};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::vae::Vae;
 
@@ -48,13 +48,8 @@ impl VaeFitArgs {
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VaeFitReport {
-    pub resumed_from: usize,
-    pub steps_done: usize,
-    pub total_steps: usize,
-    pub interrupted: bool,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
-    pub train_seconds: f64,
+    #[serde(flatten)]
+    pub run: FitSummary,
     /// PSNR (dB) of held-out reconstructions from the posterior mode R·μ.
     pub psnr_mode_db: Option<f64>,
     /// PSNR (dB) from one posterior sample per token.
@@ -214,17 +209,8 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
         |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps),
     )?;
     let interrupted = outcome.interrupted;
-    let mut report = VaeFitReport {
-        resumed_from: start,
-        steps_done: outcome.step,
-        total_steps: ta.steps,
-        interrupted,
-        first_loss: outcome.first_loss,
-        last_loss: outcome.last_loss,
-        train_seconds: outcome.seconds,
-        psnr_mode_db: None,
-        psnr_sample_db: None,
-    };
+    let mut report =
+        VaeFitReport { run: FitSummary::new(start, ta.steps, &outcome), psnr_mode_db: None, psnr_sample_db: None };
     if interrupted {
         return Ok(report);
     }

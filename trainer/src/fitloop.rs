@@ -54,6 +54,33 @@ impl TrainArgs {
     }
 }
 
+/// What a stage reports about its run of the loop (also written to `<stage>-metrics.json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FitSummary {
+    pub resumed_from: usize,
+    pub steps_done: usize,
+    pub total_steps: usize,
+    pub interrupted: bool,
+    /// Mean loss of the first and last (up to) 50 steps of this invocation.
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub train_seconds: f64,
+}
+
+impl FitSummary {
+    pub fn new(start: usize, total: usize, o: &LoopOutcome) -> Self {
+        FitSummary {
+            resumed_from: start,
+            steps_done: o.step,
+            total_steps: total,
+            interrupted: o.interrupted,
+            first_loss: o.first_loss,
+            last_loss: o.last_loss,
+            train_seconds: o.seconds,
+        }
+    }
+}
+
 /// How a run of the loop ended.
 #[derive(Debug, Clone)]
 pub struct LoopOutcome {

@@ -10,7 +10,7 @@ use spherear_core::data::{parse_source, save_grid_png};
 use trainer::ar::ArModel;
 use trainer::fit_ar::{fit_ar, ArFitArgs};
 use trainer::fit_vae::{fit_vae, VaeFitArgs};
-use trainer::fitloop::TrainArgs;
+use trainer::fitloop::{FitSummary, TrainArgs};
 use trainer::sample::{decode, sample_tokens, SampleRequest};
 
 #[derive(Parser)]
@@ -224,18 +224,7 @@ fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.flip = f.flip;
     a.eval_images = f.eval_images;
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
-    if r.interrupted {
-        interrupted(r.steps_done, r.total_steps);
-    }
-    println!(
-        "vae: steps {}/{} (resumed from {}), {:.0} s, loss {:.4} -> {:.4}",
-        r.steps_done,
-        r.total_steps,
-        r.resumed_from,
-        r.train_seconds,
-        r.first_loss.unwrap_or(f64::NAN),
-        r.last_loss.unwrap_or(f64::NAN)
-    );
+    print_summary("vae", &r.run, "");
     match (r.psnr_mode_db, r.psnr_sample_db) {
         (Some(m), Some(s)) => println!(
             "held-out PSNR: {m:.2} dB (posterior mode), {s:.2} dB (posterior sample); grid {}",
@@ -252,21 +241,25 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.train = train_args(f, 2000);
     a.ema_decay = f.ema_decay;
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
+    let extra = format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
+    print_summary("ar", &r.run, &extra);
+    Ok(())
+}
+
+/// Exits 130 for an interrupted run; prints the one-line summary otherwise.
+fn print_summary(stage: &str, r: &FitSummary, extra: &str) {
     if r.interrupted {
         interrupted(r.steps_done, r.total_steps);
     }
     println!(
-        "ar: steps {}/{} (resumed from {}), {:.0} s (+{:.0} s latents), loss {:.4} -> {:.4}; weights {}",
+        "{stage}: steps {}/{} (resumed from {}), {:.0} s, loss {:.4} -> {:.4}{extra}",
         r.steps_done,
         r.total_steps,
         r.resumed_from,
         r.train_seconds,
-        r.latent_seconds,
         r.first_loss.unwrap_or(f64::NAN),
-        r.last_loss.unwrap_or(f64::NAN),
-        trainer::ar::weights_path(&f.out).display()
+        r.last_loss.unwrap_or(f64::NAN)
     );
-    Ok(())
 }
 
 fn sample_cmd(s: &SampleArgs) -> Result<()> {

@@ -1,0 +1,636 @@
+//! [`Generator`]: an export loaded once (immutable: four sessions, the manifest, the provider decision)
+//! and the per-batch generation state that owns the KV cache and every input/output buffer.
+//!
+//! The sampling procedure is the reference sampler's (`trainer::sample`) step for step: prefill, then for
+//! each token the [`token_plan`] of the linear CFG schedule (token 0 under CFG unguided with 2B noise rows,
+//! later tokens guided with B rows fed to both halves), Euler–Maruyama head sampling with
+//! [`em_update`]/[`euler_update`]/[`guide`] from the core crate, projection onto the radius-R sphere, and
+//! all noise from [`BatchNoise`] in its documented order. Only the graphs differ (ONNX Runtime vs libtorch).
+//!
+//! Buffers: per batch, the KV cache ([2B or B, heads, T, head_dim] per layer and key/value, in the export's
+//! KV dtype) is allocated once and bound both as `ar_prefill`'s `present.*` outputs and as `ar_step`'s
+//! `past_key_values.*` inputs *and* `present.*` outputs, so every step updates it in place (the graph
+//! scatters one position). Condition, token, position, x_t, t and velocity tensors are allocated once per
+//! batch and bound through [`IoBinding`]s; the token loop allocates nothing proportional to the cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::{DynTensor, Tensor, TensorElementType};
+use spherear_core::manifest::{GraphEntry, Manifest, Stage, TensorDType};
+use spherear_core::noise::BatchNoise;
+use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, validate_cfg, TimeGrid};
+use spherear_core::sphere::project_rows;
+
+use crate::error::{ort_err, Result, RuntimeError};
+use crate::ortlib;
+use crate::provider::{self, Provider, ProviderOptions, ProviderReport};
+
+/// How to load an export.
+#[derive(Debug, Clone, Default)]
+pub struct GeneratorOptions {
+    pub provider: ProviderOptions,
+    /// Intra-op threads of every session (default: ONNX Runtime's choice, the physical cores).
+    pub threads: Option<usize>,
+    /// The ONNX Runtime library (else `ORT_DYLIB_PATH`, else the workspace `.venv`; see [`ortlib`]).
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// One class id per image, in output order; image j uses noise stream j of `seed`.
+    pub classes: Vec<i64>,
+    /// Classifier-free guidance scale (≥ 1; 1 = no guidance).
+    pub cfg: f32,
+    /// Euler–Maruyama steps per token (plus the final Euler step).
+    pub steps: usize,
+    pub seed: u64,
+    /// Images per batch before CFG doubling; results do not depend on it.
+    pub batch: usize,
+}
+
+impl GenerateRequest {
+    /// `rows` classes with `per_class` images each, row by row (the grid layout of `trainer sample`).
+    pub fn grid(rows: &[i64], per_class: usize, cfg: f32, steps: usize, seed: u64, batch: usize) -> Result<Self> {
+        if per_class == 0 {
+            return Err(RuntimeError::Invalid("--per-class must be >= 1".into()));
+        }
+        let classes = rows.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect();
+        Ok(GenerateRequest { classes, cfg, steps, seed, batch })
+    }
+
+    /// Checks the request against an export (same rules as the reference sampler).
+    pub fn validate(&self, manifest: &Manifest) -> Result<()> {
+        validate_cfg(self.cfg).map_err(|e| RuntimeError::Invalid(strip_invalid(e.to_string())))?;
+        if self.steps == 0 {
+            return Err(RuntimeError::Invalid("--steps must be >= 1".into()));
+        }
+        if self.batch == 0 {
+            return Err(RuntimeError::Invalid("--batch must be >= 1".into()));
+        }
+        if self.classes.is_empty() {
+            return Err(RuntimeError::Invalid("no classes to generate".into()));
+        }
+        let nc = manifest.num_classes;
+        if let Some(c) = self.classes.iter().find(|&&c| c < 0 || c as usize >= nc) {
+            return Err(RuntimeError::Invalid(format!("class id {c} is outside 0..{nc} (the model has {nc} classes)")));
+        }
+        Ok(())
+    }
+}
+
+fn strip_invalid(s: String) -> String {
+    s.strip_prefix("invalid argument: ").map(str::to_string).unwrap_or(s)
+}
+
+/// Generated tokens [n, num_tokens, dim], on the radius-R sphere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokens {
+    pub data: Vec<f32>,
+    pub n: usize,
+    pub num_tokens: usize,
+    pub dim: usize,
+}
+
+/// Work and time of a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateStats {
+    pub images: usize,
+    /// images × tokens per image.
+    pub tokens: usize,
+    /// Wall time of token sampling (prefill, steps, head, noise, projection), as `trainer sample` times it.
+    pub sample_seconds: f64,
+    /// Largest batch the AR graphs ran (2B under CFG, B without).
+    pub max_ar_rows: usize,
+    /// Rows evaluated by head_step, summed over all evaluations.
+    pub head_rows: usize,
+    pub batches: usize,
+}
+
+impl GenerateStats {
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.sample_seconds.max(1e-12)
+    }
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.sample_seconds.max(1e-12)
+    }
+}
+
+/// An export loaded into ONNX Runtime: sessions are created once; generation takes `&self`.
+pub struct Generator {
+    dir: PathBuf,
+    manifest: Manifest,
+    prefill: Mutex<Session>,
+    step: Mutex<Session>,
+    head: Mutex<Session>,
+    decoder: Mutex<Session>,
+    provider: ProviderReport,
+    options: GeneratorOptions,
+    ort_lib: PathBuf,
+}
+
+const AR_GRAPHS: [&str; 4] = ["ar_prefill", "ar_step", "head_step", "decoder"];
+
+fn kv_names(i: usize) -> [String; 4] {
+    [
+        format!("past_key_values.{i}.key"),
+        format!("past_key_values.{i}.value"),
+        format!("present.{i}.key"),
+        format!("present.{i}.value"),
+    ]
+}
+
+/// The names and dtypes the runtime binds, per graph: (inputs, outputs).
+type Signature = Vec<(String, TensorDType)>;
+
+fn expected_io(m: &Manifest, graph: &str) -> (Signature, Signature) {
+    let f = TensorDType::Float32;
+    let kv = m.kv_cache.as_ref().map(|k| k.dtype).unwrap_or(f);
+    let layers = m.kv_cache.as_ref().map(|k| k.layers).unwrap_or(0);
+    let s = |n: &str, d| (n.to_string(), d);
+    let present = (0..layers).flat_map(|i| {
+        let [_, _, k, v] = kv_names(i);
+        [(k, kv), (v, kv)]
+    });
+    let past = (0..layers).flat_map(|i| {
+        let [k, v, _, _] = kv_names(i);
+        [(k, kv), (v, kv)]
+    });
+    match graph {
+        "ar_prefill" => {
+            (vec![s("class_ids", TensorDType::Int64)], std::iter::once(s("condition", f)).chain(present).collect())
+        }
+        "ar_step" => (
+            [s("token", f), s("position", TensorDType::Int64)].into_iter().chain(past).collect(),
+            std::iter::once(s("condition", f)).chain(present).collect(),
+        ),
+        "head_step" => (vec![s("x_t", f), s("t", f), s("condition", f)], vec![s("velocity", f)]),
+        _ => (vec![s("tokens", f)], vec![s("image", f)]),
+    }
+}
+
+fn check_graph_entry(m: &Manifest, name: &str, g: &GraphEntry) -> Result<()> {
+    let (ins, outs) = expected_io(m, name);
+    for (kind, want, have) in [("input", &ins, &g.inputs), ("output", &outs, &g.outputs)] {
+        for (n, dt) in want {
+            match have.iter().find(|s| &s.name == n) {
+                None => {
+                    return Err(RuntimeError::Model(format!("graph {name}: the manifest declares no {kind} '{n}'")))
+                }
+                Some(s) if s.dtype != *dt => {
+                    return Err(RuntimeError::Model(format!(
+                        "graph {name}: {kind} '{n}' is {:?} in the manifest, expected {dt:?}",
+                        s.dtype
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lock<'a>(m: &'a Mutex<Session>, what: &str) -> Result<MutexGuard<'a, Session>> {
+    m.lock().map_err(|_| RuntimeError::Model(format!("{what} session lock poisoned by an earlier panic")))
+}
+
+impl Generator {
+    /// Loads `dir` (an `exporter onnx` folder): manifest (format version checked), provider decision, sessions.
+    pub fn load(dir: &Path, options: &GeneratorOptions) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        Self::with_manifest(dir, manifest, options)
+    }
+
+    /// [`Generator::load`] with a manifest already read (and a request already validated against it).
+    pub fn with_manifest(dir: &Path, manifest: Manifest, options: &GeneratorOptions) -> Result<Self> {
+        if manifest.stage != Stage::Ar {
+            return Err(RuntimeError::Model(format!(
+                "{} is a decoder-only (stage vae) export; generation needs an export of an AR checkpoint",
+                dir.display()
+            )));
+        }
+        if options.threads == Some(0) {
+            return Err(RuntimeError::Invalid("--threads must be >= 1".into()));
+        }
+        options.provider.validate()?;
+        for name in AR_GRAPHS {
+            let g =
+                manifest.graphs.get(name).ok_or_else(|| RuntimeError::Model(format!("manifest lacks graph {name}")))?;
+            check_graph_entry(&manifest, name, g)?;
+            let file = dir.join(&g.file);
+            if !file.is_file() {
+                return Err(RuntimeError::Model(format!("graph file {} is missing", file.display())));
+            }
+        }
+        let (env, ort_lib) = ortlib::environment(options.ort_lib.as_deref())?;
+        let provider = provider::resolve(&options.provider)?;
+        if let Some(dir) = &options.provider.tensorrt.engine_cache {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                RuntimeError::Io(format!("cannot create the TensorRT engine cache {}: {e}", dir.display()))
+            })?;
+        }
+        let mut provider = provider;
+        let mut sessions = Vec::with_capacity(4);
+        for name in AR_GRAPHS {
+            let g = &manifest.graphs[name];
+            let (session, report) = Self::session(&env, dir, name, g, &manifest, options, &provider)?;
+            provider = report;
+            sessions.push(Mutex::new(session));
+        }
+        let mut it = sessions.into_iter();
+        let mut next = || it.next().ok_or_else(|| RuntimeError::Model("internal: session list".into()));
+        let (prefill, step, head, decoder) = (next()?, next()?, next()?, next()?);
+        Ok(Generator {
+            dir: dir.to_path_buf(),
+            manifest,
+            prefill,
+            step,
+            head,
+            decoder,
+            provider,
+            options: options.clone(),
+            ort_lib,
+        })
+    }
+
+    /// One session. A provider whose registration fails falls back to CPU (logged once) unless strict; a
+    /// fallback applies to the graphs loaded after it too.
+    fn session(
+        env: &ort::environment::Environment,
+        dir: &Path,
+        name: &str,
+        g: &GraphEntry,
+        m: &Manifest,
+        options: &GeneratorOptions,
+        report: &ProviderReport,
+    ) -> Result<(Session, ProviderReport)> {
+        let file = dir.join(&g.file);
+        let ctx = format!("loading {}", file.display());
+        let mut builder = Session::builder(env).map_err(ort_err(ctx.clone()))?;
+        if let Some(n) = options.threads {
+            builder = builder.with_intra_threads(n).map_err(ort_err(ctx.clone()))?;
+        }
+        let mut report = report.clone();
+        if let Err(why) = provider::register(&mut builder, &report, &options.provider, g, name, m.max_batch) {
+            report = provider::fallback_or_fail(&options.provider, Err(why))?;
+            // The builder may hold a half-registered provider: start over on CPU.
+            builder = Session::builder(env).map_err(ort_err(ctx.clone()))?;
+            if let Some(n) = options.threads {
+                builder = builder.with_intra_threads(n).map_err(ort_err(ctx.clone()))?;
+            }
+        }
+        let session = builder.commit_from_file(&file).map_err(|e| {
+            RuntimeError::Model(format!(
+                "cannot load graph {}: {}",
+                file.display(),
+                crate::error::one_line(&e.to_string())
+            ))
+        })?;
+        let mut have: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+        let mut want: Vec<&str> = g.inputs.iter().map(|s| s.name.as_str()).collect();
+        have.sort_unstable();
+        want.sort_unstable();
+        if have != want {
+            return Err(RuntimeError::Model(format!(
+                "graph {} has inputs {have:?} but the manifest declares {want:?}",
+                file.display()
+            )));
+        }
+        Ok((session, report))
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The provider actually used (and why not the requested one).
+    pub fn provider(&self) -> &ProviderReport {
+        &self.provider
+    }
+    /// The ONNX Runtime library in use.
+    pub fn ort_library(&self) -> &Path {
+        &self.ort_lib
+    }
+
+    /// Images per batch actually used: `req.batch`, capped for TensorRT so that the AR rows (2B under CFG)
+    /// stay within the optimisation profile's max batch.
+    pub fn effective_batch(&self, req: &GenerateRequest) -> usize {
+        if self.provider.active == Provider::TensorRt {
+            let per_image = if token_plan(req.cfg, 0, self.manifest.num_tokens).doubled_batch { 2 } else { 1 };
+            req.batch.min((self.manifest.max_batch / per_image).max(1))
+        } else {
+            req.batch
+        }
+    }
+
+    /// Samples the tokens of every image of `req`, in batches; `on_tokens(n)` is called after each token
+    /// step with the number of images of the batch (progress in tokens).
+    pub fn generate_tokens(
+        &self,
+        req: &GenerateRequest,
+        mut on_tokens: impl FnMut(usize),
+    ) -> Result<(Tokens, GenerateStats)> {
+        req.validate(&self.manifest)?;
+        let m = &self.manifest;
+        let (l, d) = (m.num_tokens, m.latent_dim);
+        let grid = em_time_grid(req.steps)?;
+        let batch = self.effective_batch(req);
+        let t0 = Instant::now();
+        let mut sessions = Sessions {
+            prefill: lock(&self.prefill, "ar_prefill")?,
+            step: lock(&self.step, "ar_step")?,
+            head: lock(&self.head, "head_step")?,
+        };
+        let mut stats = GenerateStats::default();
+        let mut data = vec![0f32; req.classes.len() * l * d];
+        let mut state: Option<BatchState> = None;
+        for (k, chunk) in req.classes.chunks(batch).enumerate() {
+            let first = k * batch;
+            let rows = if token_plan(req.cfg, 0, l).doubled_batch { 2 * chunk.len() } else { chunk.len() };
+            // Reuse the buffers of the previous batch when it had the same size (all but a short last batch).
+            if state.as_ref().map(|s| s.rows) != Some(rows) {
+                drop(state.take());
+                state = Some(BatchState::new(self, &mut sessions, rows)?);
+            }
+            let st = state.as_mut().ok_or_else(|| RuntimeError::Model("internal: batch state".into()))?;
+            let out = &mut data[first * l * d..(first + chunk.len()) * l * d];
+            st.sample(self, &mut sessions, req, first, chunk, &grid, out, &mut stats, &mut on_tokens)?;
+            stats.batches += 1;
+        }
+        stats.images = req.classes.len();
+        stats.tokens = stats.images * l;
+        stats.sample_seconds = t0.elapsed().as_secs_f64();
+        Ok((Tokens { data, n: req.classes.len(), num_tokens: l, dim: d }, stats))
+    }
+
+    /// Decodes tokens to images [n, 3, H, W] in [−1, 1], `batch` images per decoder run.
+    pub fn decode(&self, tokens: &Tokens, batch: usize) -> Result<Vec<f32>> {
+        let m = &self.manifest;
+        if tokens.num_tokens != m.num_tokens
+            || tokens.dim != m.latent_dim
+            || tokens.data.len() != tokens.n * m.num_tokens * m.latent_dim
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "tokens [{}, {}, {}] do not fit this model ([n, {}, {}])",
+                tokens.n, tokens.num_tokens, tokens.dim, m.num_tokens, m.latent_dim
+            )));
+        }
+        let per_tok = m.num_tokens * m.latent_dim;
+        let per_img = 3 * m.image_size * m.image_size;
+        let mut images = Vec::with_capacity(tokens.n * per_img);
+        let mut session = lock(&self.decoder, "decoder")?;
+        for chunk in tokens.data.chunks(batch.max(1) * per_tok) {
+            let n = chunk.len() / per_tok;
+            let input = Tensor::from_array(([n, m.num_tokens, m.latent_dim], chunk.to_vec()))
+                .map_err(ort_err("decoder input"))?;
+            let outputs = session.run(ort::inputs!["tokens" => input]).map_err(ort_err("decoder"))?;
+            let image =
+                outputs.get("image").ok_or_else(|| RuntimeError::Model("decoder returned no 'image'".into()))?;
+            let (_, v) = image.try_extract_tensor::<f32>().map_err(ort_err("decoder output"))?;
+            if v.len() != n * per_img {
+                return Err(RuntimeError::Model(format!("decoder returned {} values for {n} images", v.len())));
+            }
+            images.extend(v.iter().map(|x| x.clamp(-1.0, 1.0)));
+        }
+        Ok(images)
+    }
+
+    /// The options this generator was loaded with.
+    pub fn options(&self) -> &GeneratorOptions {
+        &self.options
+    }
+}
+
+struct Sessions<'a> {
+    prefill: MutexGuard<'a, Session>,
+    step: MutexGuard<'a, Session>,
+    head: MutexGuard<'a, Session>,
+}
+
+/// Per-batch generation state: the KV cache and every bound buffer.
+struct BatchState {
+    /// AR rows (2B under CFG, else B); head_step always runs this many rows too.
+    rows: usize,
+    d: usize,
+    /// Kept alive for the bindings (they hold references to the same ORT values).
+    _kv: Vec<DynTensor>,
+    class_ids: Tensor<i64>,
+    condition: Tensor<f32>,
+    token: Tensor<f32>,
+    position: Tensor<i64>,
+    x_t: Tensor<f32>,
+    t: Tensor<f32>,
+    velocity: Tensor<f32>,
+    prefill_io: IoBinding,
+    step_io: IoBinding,
+    head_io: IoBinding,
+    /// Host work buffers of one token: x (rows × d at most), ε, guided velocity.
+    x: Vec<f32>,
+    eps: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn kv_allocator(g: &Generator, session: &Session) -> Option<Allocator> {
+    if g.provider.active == Provider::Cpu {
+        return None;
+    }
+    let info = MemoryInfo::new(
+        AllocationDevice::CUDA,
+        g.options.provider.device_id,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .ok()?;
+    match Allocator::new(session, info) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!("cannot allocate the KV cache on the GPU ({e}); keeping it in host memory");
+            None
+        }
+    }
+}
+
+fn host<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug>(
+    shape: Vec<usize>,
+    what: &str,
+) -> Result<Tensor<T>> {
+    Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err(format!("allocating {what}")))
+}
+
+fn write<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+    t: &mut Tensor<T>,
+    src: &[T],
+    what: &str,
+) -> Result<()> {
+    let (_, dst) = t.try_extract_tensor_mut::<T>().map_err(ort_err(format!("writing {what}")))?;
+    if dst.len() != src.len() {
+        return Err(RuntimeError::Model(format!("{what}: {} values for a buffer of {}", src.len(), dst.len())));
+    }
+    dst.copy_from_slice(src);
+    Ok(())
+}
+
+fn read<'a>(t: &'a Tensor<f32>, what: &str) -> Result<&'a [f32]> {
+    t.try_extract_tensor::<f32>().map(|(_, v)| v).map_err(ort_err(format!("reading {what}")))
+}
+
+impl BatchState {
+    fn new(g: &Generator, s: &mut Sessions, rows: usize) -> Result<Self> {
+        let m = &g.manifest;
+        let kvc = m.kv_cache.as_ref().ok_or_else(|| RuntimeError::Model("manifest lacks kv_cache".into()))?;
+        let (d, dim) = (m.latent_dim, m.config.ar.dim);
+        let ty = match kvc.dtype {
+            TensorDType::Float16 => TensorElementType::Float16,
+            _ => TensorElementType::Float32,
+        };
+        let device = kv_allocator(g, &s.step);
+        let alloc = device.unwrap_or_default();
+        let shape = vec![rows, kvc.heads, kvc.seq_len, kvc.head_dim];
+        let mut kv = Vec::with_capacity(2 * kvc.layers);
+        for _ in 0..2 * kvc.layers {
+            kv.push(DynTensor::new(&alloc, ty, shape.clone()).map_err(ort_err("allocating the KV cache"))?);
+        }
+        let mut st = BatchState {
+            rows,
+            d,
+            class_ids: host(vec![rows], "class_ids")?,
+            condition: host(vec![rows, dim], "condition")?,
+            token: host(vec![rows, d], "token")?,
+            position: host(vec![1], "position")?,
+            x_t: host(vec![rows, d], "x_t")?,
+            t: host(vec![rows], "t")?,
+            velocity: host(vec![rows, d], "velocity")?,
+            prefill_io: s.prefill.create_binding().map_err(ort_err("ar_prefill binding"))?,
+            step_io: s.step.create_binding().map_err(ort_err("ar_step binding"))?,
+            head_io: s.head.create_binding().map_err(ort_err("head_step binding"))?,
+            x: vec![0f32; rows * d],
+            eps: vec![0f32; rows * d],
+            v: vec![0f32; rows * d],
+            _kv: Vec::new(),
+        };
+        let e = |w: &str| ort_err(format!("binding {w}"));
+        st.prefill_io.bind_output("condition", &mut st.condition).map_err(e("ar_prefill condition"))?;
+        st.step_io.bind_output("condition", &mut st.condition).map_err(e("ar_step condition"))?;
+        st.head_io.bind_output("velocity", &mut st.velocity).map_err(e("head_step velocity"))?;
+        for i in 0..kvc.layers {
+            let [pk, pv, nk, nv] = kv_names(i);
+            for (j, (past, present)) in [(pk, nk), (pv, nv)].into_iter().enumerate() {
+                let t = &mut kv[2 * i + j];
+                st.prefill_io.bind_output(present.as_str(), &mut *t).map_err(e(&present))?;
+                st.step_io.bind_input(past.as_str(), &*t).map_err(e(&past))?;
+                st.step_io.bind_output(present.as_str(), &mut *t).map_err(e(&present))?;
+            }
+        }
+        st._kv = kv;
+        Ok(st)
+    }
+
+    /// Head velocity at time `t` for the current x (`x` has `rows` rows unguided, `rows / 2` guided);
+    /// writes the (guided) velocity into `self.v[..x.len()]`.
+    fn velocity(
+        &mut self,
+        head: &mut Session,
+        x_len: usize,
+        t: f32,
+        guidance: Option<f32>,
+        stats: &mut GenerateStats,
+    ) -> Result<()> {
+        stats.head_rows += self.rows;
+        {
+            let (_, xt) = self.x_t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing x_t"))?;
+            xt[..x_len].copy_from_slice(&self.x[..x_len]);
+            if guidance.is_some() {
+                xt[x_len..2 * x_len].copy_from_slice(&self.x[..x_len]);
+            }
+            let (_, tt) = self.t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing t"))?;
+            tt.fill(t);
+        }
+        self.head_io.bind_input("x_t", &self.x_t).map_err(ort_err("binding x_t"))?;
+        self.head_io.bind_input("t", &self.t).map_err(ort_err("binding t"))?;
+        head.run_binding(&self.head_io).map_err(ort_err("head_step"))?;
+        let v = read(&self.velocity, "velocity")?;
+        match guidance {
+            None => self.v[..x_len].copy_from_slice(&v[..x_len]),
+            Some(g) => guide(&v[..x_len], &v[x_len..2 * x_len], g, &mut self.v[..x_len])?,
+        }
+        Ok(())
+    }
+
+    /// Samples the tokens of images `first .. first + classes.len()` into `out` ([B, L, d]).
+    #[allow(clippy::too_many_arguments)]
+    fn sample(
+        &mut self,
+        g: &Generator,
+        s: &mut Sessions,
+        req: &GenerateRequest,
+        first: usize,
+        classes: &[i64],
+        grid: &TimeGrid,
+        out: &mut [f32],
+        stats: &mut GenerateStats,
+        on_tokens: &mut impl FnMut(usize),
+    ) -> Result<()> {
+        let m = &g.manifest;
+        let (b, d, l) = (classes.len(), self.d, m.num_tokens);
+        let doubled = token_plan(req.cfg, 0, l).doubled_batch;
+        let mut ids = classes.to_vec();
+        if doubled {
+            ids.extend(std::iter::repeat_n(m.null_class_id as i64, b));
+        }
+        write(&mut self.class_ids, &ids, "class_ids")?;
+        self.prefill_io.bind_input("class_ids", &self.class_ids).map_err(ort_err("binding class_ids"))?;
+        stats.max_ar_rows = stats.max_ar_rows.max(self.rows);
+        let mut noise = BatchNoise::new(req.seed, first as u64, b);
+        for i in 0..l {
+            if i == 0 {
+                s.prefill.run_binding(&self.prefill_io).map_err(ort_err("ar_prefill"))?;
+            } else {
+                // The previous token (already in self.token) goes in at sequence position cls + i − 1.
+                write(&mut self.position, &[(m.cls_token_num + i - 1) as i64], "position")?;
+                self.step_io.bind_input("token", &self.token).map_err(ort_err("binding token"))?;
+                self.step_io.bind_input("position", &self.position).map_err(ort_err("binding position"))?;
+                s.step.run_binding(&self.step_io).map_err(ort_err("ar_step"))?;
+            }
+            self.head_io.bind_input("condition", &self.condition).map_err(ort_err("binding condition"))?;
+            let plan = token_plan(req.cfg, i, l);
+            let x_len = b * plan.noise_rows_per_image * d;
+            let guidance = plan.guided.then_some(plan.guidance);
+            noise.draw(&mut self.x[..x_len], d, plan.noise_rows_per_image)?;
+            for k in 0..grid.steps {
+                self.velocity(&mut s.head, x_len, grid.times[k], guidance, stats)?;
+                noise.draw(&mut self.eps[..x_len], d, plan.noise_rows_per_image)?;
+                em_update(
+                    &mut self.x[..x_len],
+                    &self.v[..x_len],
+                    &self.eps[..x_len],
+                    grid.times[k],
+                    grid.dt,
+                    grid.noise_scales[k],
+                )?;
+            }
+            self.velocity(&mut s.head, x_len, grid.last_t, guidance, stats)?;
+            euler_update(&mut self.x[..x_len], &self.v[..x_len], grid.last_dt)?;
+            project_rows(&mut self.x[..x_len], d, m.config.radius())?;
+            // The image's token is the conditional row; the fed-back token goes to both CFG halves
+            // (token 0 unguided under CFG: each half keeps its own sample).
+            for j in 0..b {
+                out[(j * l + i) * d..(j * l + i + 1) * d].copy_from_slice(&self.x[j * d..(j + 1) * d]);
+            }
+            if i + 1 < l {
+                let (_, tok) = self.token.try_extract_tensor_mut::<f32>().map_err(ort_err("writing token"))?;
+                tok[..x_len].copy_from_slice(&self.x[..x_len]);
+                if doubled && plan.noise_rows_per_image == 1 {
+                    tok[x_len..2 * x_len].copy_from_slice(&self.x[..x_len]);
+                }
+            }
+            on_tokens(b);
+        }
+        Ok(())
+    }
+}

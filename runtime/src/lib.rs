@@ -1,0 +1,24 @@
+//! runtime: SphereAR generation on ONNX Runtime from an `exporter onnx` folder — prefill and KV-cached
+//! AR steps, classifier-free guidance with the linear schedule, Euler–Maruyama head sampling, projection of
+//! every token onto the radius-R sphere, decoding to images. It reproduces `trainer sample` (same core
+//! schedule, noise and projection functions, same noise order) up to float error.
+//!
+//! - [`Generator`]: an export loaded once (sessions, manifest, provider decision); `generate_tokens` and
+//!   `decode` take `&self` and keep all per-request state (KV cache, bound buffers) in a batch state
+//! - [`provider`]: cpu / cuda / tensorrt registration with logged CPU fallback (or `strict`)
+//! - [`ortlib`]: locating and loading `libonnxruntime.so`
+//! - [`output`]: PNG grid, per-image PNGs, tokens safetensors (atomic writes)
+//!
+//! Depends on the core crate only (never on the exporter or libtorch).
+
+pub mod error;
+pub mod generator;
+pub mod ortlib;
+pub mod output;
+pub mod provider;
+
+pub use error::{Result, RuntimeError};
+pub use generator::{GenerateRequest, GenerateStats, Generator, GeneratorOptions, Tokens};
+pub use output::OutputOptions;
+pub use provider::{Provider, ProviderOptions, ProviderReport, TensorRtOptions};
+pub use spherear_core::manifest::Manifest;

@@ -1,0 +1,206 @@
+//! `runtime`: SphereAR image generation on ONNX Runtime from an `exporter onnx` folder.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use runtime::error::one_line;
+use runtime::{
+    GenerateRequest, Generator, GeneratorOptions, Manifest, OutputOptions, Provider, ProviderOptions, TensorRtOptions,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "runtime",
+    version,
+    about = "Generate SphereAR images with ONNX Runtime (KV cache, CFG, Euler-Maruyama head, sphere projection)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sample class-conditional images from an export and write a PNG grid (same layout, noise and
+    /// tokens as `trainer sample` with the same arguments).
+    Generate(Box<GenerateArgs>),
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum ProviderArg {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// CUDA (falls back to CPU with a warning unless --strict-provider).
+    Cuda,
+    /// TensorRT with CUDA for the rest (falls back to CPU with a warning unless --strict-provider).
+    Tensorrt,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Export folder written by `exporter onnx` (manifest.json, *.onnx, weights.bin).
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated class ids, one grid row each, in this order (default: every class).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    classes: Option<Vec<i64>>,
+    /// Images per class (grid columns).
+    #[arg(long, default_value_t = 1)]
+    per_class: usize,
+    /// Classifier-free guidance scale, >= 1 (1 = none; linear schedule from 1 at token 0 to cfg).
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
+    cfg: f32,
+    /// Euler-Maruyama steps of the diffusion head per token, plus one final Euler step
+    /// (default: the manifest's default_steps, 100).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Noise seed: image j of the request uses noise stream j of this seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per batch before CFG doubling; larger requests are split. Results do not depend on it.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Output PNG grid: one row per class, per-class images edge to edge (as `trainer sample`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write one PNG per image into this folder (NNNN-classC.png).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Also write the sampled tokens [N, L, d] here (safetensors, key "tokens").
+    #[arg(long)]
+    tokens_out: Option<PathBuf>,
+    /// Execution provider.
+    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
+    provider: ProviderArg,
+    /// Fail instead of falling back to CPU when the requested provider cannot be used.
+    #[arg(long)]
+    strict_provider: bool,
+    /// GPU ordinal for cuda / tensorrt.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// TensorRT: folder for built engines and the timing cache (reused across runs).
+    #[arg(long)]
+    trt_engine_cache: Option<PathBuf>,
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: allow int8 kernels (give --trt-int8-calibration-table for graphs without Q/DQ nodes).
+    #[arg(long)]
+    trt_int8: bool,
+    /// TensorRT: INT8 calibration table (calibration cache) to use with --trt-int8.
+    #[arg(long)]
+    trt_int8_calibration_table: Option<PathBuf>,
+    /// Intra-op threads per session (default: ONNX Runtime's choice, the physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn provider_options(a: &GenerateArgs) -> ProviderOptions {
+    ProviderOptions {
+        provider: match a.provider {
+            ProviderArg::Cpu => Provider::Cpu,
+            ProviderArg::Cuda => Provider::Cuda,
+            ProviderArg::Tensorrt => Provider::TensorRt,
+        },
+        strict: a.strict_provider,
+        device_id: a.device_id,
+        tensorrt: TensorRtOptions {
+            engine_cache: a.trt_engine_cache.clone(),
+            fp16: a.trt_fp16,
+            int8: a.trt_int8,
+            int8_calibration_table: a.trt_int8_calibration_table.clone(),
+        },
+    }
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    // Everything that can be checked without ONNX Runtime is checked first, so bad input costs nothing
+    // and never leaves a file behind.
+    let manifest = Manifest::load(&a.model)?;
+    let rows = a.classes.clone().unwrap_or_else(|| (0..manifest.num_classes as i64).collect());
+    let steps = a.steps.unwrap_or(manifest.sampler.default_steps);
+    let req = GenerateRequest::grid(&rows, a.per_class, a.cfg, steps, a.seed, a.batch)?;
+    req.validate(&manifest)?;
+    let outputs =
+        OutputOptions { grid: a.out.clone(), cols: a.per_class, dir: a.out_dir.clone(), tokens: a.tokens_out.clone() };
+    outputs.check()?;
+    let options = GeneratorOptions { provider: provider_options(a), threads: a.threads, ort_lib: a.ort_lib.clone() };
+    options.provider.validate()?;
+
+    let generator = Generator::with_manifest(&a.model, manifest, &options)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let m = generator.manifest();
+    let total = (req.classes.len() * m.num_tokens) as u64;
+    let bar = if a.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+    } else {
+        let style = ProgressStyle::with_template("generate [{bar:30}] {pos}/{len} tokens  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        ProgressBar::new(total).with_style(style)
+    };
+    let (tokens, stats) = generator.generate_tokens(&req, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    let t0 = std::time::Instant::now();
+    let images = generator.decode(&tokens, generator.effective_batch(&req))?;
+    let decode_s = t0.elapsed().as_secs_f64();
+    runtime::output::write_outputs(&outputs, &req.classes, &tokens, &images, m.image_size)?;
+
+    let p = generator.provider();
+    let written: Vec<String> = [("grid", &a.out), ("images", &a.out_dir), ("tokens", &a.tokens_out)]
+        .iter()
+        .filter_map(|(what, p)| p.as_ref().map(|p| format!("{what} {}", p.display())))
+        .collect();
+    println!(
+        "sampled {} images in {:.2} s ({:.2} images/s, {:.1} tokens/s; decode {:.2} s) on {}{}, batch {}, {} steps, cfg {}{}",
+        stats.images,
+        stats.sample_seconds,
+        stats.images_per_second(),
+        stats.tokens_per_second(),
+        decode_s,
+        p.active.name(),
+        if p.fallback.is_some() { format!(" (requested {})", p.requested.name()) } else { String::new() },
+        generator.effective_batch(&req),
+        req.steps,
+        req.cfg,
+        if written.is_empty() { String::new() } else { format!("; {}", written.join(", ")) }
+    );
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNTIME_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ort=error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let res = match &cli.cmd {
+        Cmd::Generate(a) => generate(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The `runtime` binary on bad input: one `error: ...` line on stderr, exit status 1, no PNG written.
+//! The export here is hand-made (a valid manifest of the `tiny` preset whose .onnx files are garbage), so
+//! these tests need neither the exporter nor a real model: everything but the corrupt graph is rejected
+//! before ONNX Runtime is touched. Parity with `trainer sample` on real exports is in tests/tests/runtime_generate.rs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use spherear_core::manifest::*;
+use spherear_core::ModelConfig;
+
+fn io(name: &str, dtype: TensorDType, shape: Vec<Dim>) -> IoSpec {
+    IoSpec { name: name.into(), dtype, shape, meaning: String::new() }
+}
+
+/// A manifest with the real graph signatures of `tiny`, graph files filled with garbage.
+fn fake_export(dir: &Path, version: u32) {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (b, f, i64t) = (Dim::Sym("batch".into()), TensorDType::Float32, TensorDType::Int64);
+    let (d, dim, l, t) = (cfg.latent_dim, cfg.ar.dim, cfg.num_tokens(), cfg.ar_seq_len());
+    let heads = cfg.ar.n_head;
+    let kv = |n: String| io(&n, f, vec![b.clone(), Dim::N(heads), Dim::N(t), Dim::N(dim / heads)]);
+    let present: Vec<IoSpec> =
+        (0..cfg.ar.n_layer).flat_map(|i| [kv(format!("present.{i}.key")), kv(format!("present.{i}.value"))]).collect();
+    let past: Vec<IoSpec> = (0..cfg.ar.n_layer)
+        .flat_map(|i| [kv(format!("past_key_values.{i}.key")), kv(format!("past_key_values.{i}.value"))])
+        .collect();
+    let cond = io("condition", f, vec![b.clone(), Dim::N(dim)]);
+    let graph = |name: &str, inputs: Vec<IoSpec>, outputs: Vec<IoSpec>| {
+        std::fs::write(dir.join(format!("{name}.onnx")), b"not an onnx protobuf").unwrap();
+        (name.to_string(), GraphEntry { file: format!("{name}.onnx"), doc: String::new(), inputs, outputs })
+    };
+    let graphs: BTreeMap<String, GraphEntry> = [
+        graph(
+            "ar_prefill",
+            vec![io("class_ids", i64t, vec![b.clone()])],
+            [vec![cond.clone()], present.clone()].concat(),
+        ),
+        graph(
+            "ar_step",
+            [vec![io("token", f, vec![b.clone(), Dim::N(d)]), io("position", i64t, vec![Dim::N(1)])], past].concat(),
+            [vec![cond.clone()], present].concat(),
+        ),
+        graph(
+            "head_step",
+            vec![io("x_t", f, vec![b.clone(), Dim::N(d)]), io("t", f, vec![b.clone()]), cond],
+            vec![io("velocity", f, vec![b.clone(), Dim::N(d)])],
+        ),
+        graph(
+            "decoder",
+            vec![io("tokens", f, vec![b.clone(), Dim::N(l), Dim::N(d)])],
+            vec![io("image", f, vec![b, Dim::N(3), Dim::N(cfg.image_size), Dim::N(cfg.image_size)])],
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        format_version: version,
+        producer: "runtime cli test".into(),
+        onnx_ir_version: 10,
+        onnx_opset: 21,
+        stage: Stage::Ar,
+        radius: cfg.radius(),
+        latent_dim: d,
+        num_classes: cfg.num_classes,
+        null_class_id: cfg.null_class(),
+        cls_token_num: cfg.cls_token_num,
+        num_tokens: l,
+        grid: cfg.grid(),
+        image_size: cfg.image_size,
+        max_batch: 8,
+        precision: Precision { compute: f, fp32: vec![], io: String::new() },
+        weights: WeightsEntry { file: "weights.bin".into(), dtype: f, parameters: 0, bytes: 0, doc: String::new() },
+        kv_cache: Some(KvCache {
+            layers: cfg.ar.n_layer,
+            heads,
+            seq_len: t,
+            head_dim: dim / heads,
+            dtype: f,
+            layout: String::new(),
+            binding: String::new(),
+        }),
+        sampler: Sampler {
+            cfg_schedule: String::new(),
+            head_sampler: String::new(),
+            last_euler_dt: 0.04,
+            time_factor: 1000.0,
+            default_steps: 100,
+            notes: vec![],
+        },
+        provider_hints: BTreeMap::new(),
+        graphs,
+        config: cfg,
+    };
+    std::fs::write(dir.join(MANIFEST_FILE), m.to_json()).unwrap();
+}
+
+/// Runs `runtime generate ARGS --out DIR/grid.png`; asserts failure with one error line and no PNG.
+fn fails(dir: &Path, model: &Path, args: &[&str], want: &str) {
+    let png = dir.join("grid.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+        .args(["generate", "--model"])
+        .arg(model)
+        .args(args)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(want), "{args:?}: {err}");
+    assert!(!png.exists(), "{args:?} left a PNG");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png" || x == "tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("export");
+    std::fs::create_dir(&model).unwrap();
+    fake_export(&model, MANIFEST_VERSION);
+    let d = dir.path();
+    fails(d, &model, &["--classes", "0,4"], "class id 4 is outside 0..4");
+    fails(d, &model, &["--classes", "-1"], "class id -1");
+    fails(d, &model, &["--steps", "0"], "--steps");
+    fails(d, &model, &["--batch", "0"], "--batch");
+    fails(d, &model, &["--cfg", "0.5"], "cfg");
+    fails(d, &model, &["--cfg", "NaN"], "cfg");
+    fails(d, &model, &["--per-class", "0"], "--per-class");
+    fails(d, &model, &["--threads", "0"], "--threads");
+    fails(d, &model, &["--trt-fp16"], "--provider tensorrt");
+    fails(d, &model, &["--provider", "cuda", "--strict-provider"], "--strict-provider");
+}
+
+#[test]
+fn bad_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails(d, &d.join("missing"), &[], "does not exist");
+    let v2 = d.join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    fake_export(&v2, MANIFEST_VERSION + 1);
+    fails(d, &v2, &[], "format version 2 is not supported");
+    let corrupt = d.join("corrupt");
+    std::fs::create_dir(&corrupt).unwrap();
+    fake_export(&corrupt, MANIFEST_VERSION);
+    fails(d, &corrupt, &["--steps", "2"], "cannot load graph");
+    fails(d, &corrupt, &["--ort-lib", "/nonexistent/libonnxruntime.so"], "--ort-lib");
+    std::fs::remove_file(corrupt.join("head_step.onnx")).unwrap();
+    fails(d, &corrupt, &[], "head_step.onnx is missing");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime")).args(["generate", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--model",
+        "--classes",
+        "--per-class",
+        "--cfg",
+        "--steps",
+        "--seed",
+        "--batch",
+        "--out",
+        "--out-dir",
+        "--tokens-out",
+        "--provider",
+        "--strict-provider",
+        "--trt-engine-cache",
+        "--trt-fp16",
+        "--trt-int8",
+        "--trt-int8-calibration-table",
+        "--threads",
+        "--ort-lib",
+        "--quiet",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+}
