@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod keys;
 pub mod manifest;
 pub mod noise;
+pub mod request;
 pub mod rope;
 pub mod schedule;
 pub mod sphere;

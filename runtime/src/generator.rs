@@ -22,7 +22,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::{DynTensor, Tensor, TensorElementType};
 use spherear_core::manifest::{GraphEntry, Manifest, Stage, TensorDType};
 use spherear_core::noise::BatchNoise;
-use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, validate_cfg, TimeGrid};
+use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
 use spherear_core::sphere::project_rows;
 
 use crate::error::{ort_err, Result, RuntimeError};
@@ -39,48 +39,12 @@ pub struct GeneratorOptions {
     pub ort_lib: Option<PathBuf>,
 }
 
-/// What to generate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    /// One class id per image, in output order; image j uses noise stream j of `seed`.
-    pub classes: Vec<i64>,
-    /// Classifier-free guidance scale (≥ 1; 1 = no guidance).
-    pub cfg: f32,
-    /// Euler–Maruyama steps per token (plus the final Euler step).
-    pub steps: usize,
-    pub seed: u64,
-    /// Images per batch before CFG doubling; results do not depend on it.
-    pub batch: usize,
-}
+/// A generation request: the core sampling request (classes, cfg, steps, seed, batch).
+pub use spherear_core::request::SampleRequest as GenerateRequest;
 
-impl GenerateRequest {
-    /// `rows` classes with `per_class` images each, row by row (the grid layout of `trainer sample`).
-    pub fn grid(rows: &[i64], per_class: usize, cfg: f32, steps: usize, seed: u64, batch: usize) -> Result<Self> {
-        if per_class == 0 {
-            return Err(RuntimeError::Invalid("--per-class must be >= 1".into()));
-        }
-        let classes = rows.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect();
-        Ok(GenerateRequest { classes, cfg, steps, seed, batch })
-    }
-
-    /// Checks the request against an export (same rules as the reference sampler).
-    pub fn validate(&self, manifest: &Manifest) -> Result<()> {
-        validate_cfg(self.cfg).map_err(|e| RuntimeError::Invalid(strip_invalid(e.to_string())))?;
-        if self.steps == 0 {
-            return Err(RuntimeError::Invalid("--steps must be >= 1".into()));
-        }
-        if self.batch == 0 {
-            return Err(RuntimeError::Invalid("--batch must be >= 1".into()));
-        }
-        if self.classes.is_empty() {
-            return Err(RuntimeError::Invalid("no classes to generate".into()));
-        }
-        let nc = manifest.num_classes;
-        if let Some(c) = self.classes.iter().find(|&&c| c < 0 || c as usize >= nc) {
-            return Err(RuntimeError::Invalid(format!("class id {c} is outside 0..{nc} (the model has {nc} classes)")));
-        }
-        Ok(())
-    }
+/// Checks a request against an export (the same rules as the reference sampler).
+pub fn validate_request(req: &GenerateRequest, manifest: &Manifest) -> Result<()> {
+    req.validate(manifest.num_classes).map_err(|e| RuntimeError::Invalid(strip_invalid(e.to_string())))
 }
 
 fn strip_invalid(s: String) -> String {
@@ -336,7 +300,7 @@ impl Generator {
         req: &GenerateRequest,
         mut on_tokens: impl FnMut(usize),
     ) -> Result<(Tokens, GenerateStats)> {
-        req.validate(&self.manifest)?;
+        validate_request(req, &self.manifest)?;
         let m = &self.manifest;
         let (l, d) = (m.num_tokens, m.latent_dim);
         let grid = em_time_grid(req.steps)?;

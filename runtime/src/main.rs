@@ -130,7 +130,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     let rows = a.classes.clone().unwrap_or_else(|| (0..manifest.num_classes as i64).collect());
     let steps = a.steps.unwrap_or(manifest.sampler.default_steps);
     let req = GenerateRequest::grid(&rows, a.per_class, a.cfg, steps, a.seed, a.batch)?;
-    req.validate(&manifest)?;
+    runtime::generator::validate_request(&req, &manifest)?;
     let outputs =
         OutputOptions { grid: a.out.clone(), cols: a.per_class, dir: a.out_dir.clone(), tokens: a.tokens_out.clone() };
     outputs.check()?;

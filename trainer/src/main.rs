@@ -241,7 +241,8 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.train = train_args(f, 2000);
     a.ema_decay = f.ema_decay;
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
-    let extra = format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
+    let extra =
+        format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
     print_summary("ar", &r.run, &extra);
     Ok(())
 }
@@ -266,11 +267,7 @@ fn sample_cmd(s: &SampleArgs) -> Result<()> {
     let m = ArModel::load(&s.checkpoint).with_context(|| format!("loading {}", s.checkpoint.display()))?;
     let nc = m.config.num_classes as i64;
     let rows = s.classes.clone().unwrap_or_else(|| (0..nc).collect());
-    if s.per_class == 0 {
-        bail!("--per-class must be ≥ 1");
-    }
-    let classes: Vec<i64> = rows.iter().flat_map(|&c| std::iter::repeat(c).take(s.per_class)).collect();
-    let req = SampleRequest { classes, cfg: s.cfg, steps: s.steps, seed: s.seed, batch: s.batch };
+    let req = SampleRequest::grid(&rows, s.per_class, s.cfg, s.steps, s.seed, s.batch)?;
     req.validate(m.config.num_classes)?;
     let bar = trainer::progress::bar(req.classes.len() as u64, 0, "sample", !s.quiet);
     let t0 = std::time::Instant::now();

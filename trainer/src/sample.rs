@@ -5,44 +5,14 @@
 //! reproduce these tokens exactly.
 
 use spherear_core::noise::BatchNoise;
-use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, validate_cfg, TimeGrid};
+use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
 use spherear_core::sphere::project_rows;
-use spherear_core::CoreError;
 use tch::{Device, Kind, Tensor};
 
 use crate::ar::{ArModel, KvCache};
 use crate::error::Result;
 
-/// What to sample.
-#[derive(Debug, Clone)]
-pub struct SampleRequest {
-    /// One class id per image, in output order; image j uses noise stream j.
-    pub classes: Vec<i64>,
-    pub cfg: f32,
-    pub steps: usize,
-    pub seed: u64,
-    /// Images per forward batch (before CFG doubling). The result does not depend on it.
-    pub batch: usize,
-}
-
-impl SampleRequest {
-    pub fn validate(&self, num_classes: usize) -> std::result::Result<(), CoreError> {
-        validate_cfg(self.cfg)?;
-        if self.steps == 0 {
-            return Err(CoreError::Invalid("--steps must be ≥ 1".into()));
-        }
-        if self.batch == 0 {
-            return Err(CoreError::Invalid("--batch must be ≥ 1".into()));
-        }
-        if self.classes.is_empty() {
-            return Err(CoreError::Invalid("no classes to sample".into()));
-        }
-        if let Some(c) = self.classes.iter().find(|&&c| c < 0 || c as usize >= num_classes) {
-            return Err(CoreError::Invalid(format!("class id {c} is outside 0..{num_classes}")));
-        }
-        Ok(())
-    }
-}
+pub use spherear_core::request::SampleRequest;
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1)).unwrap_or_default()

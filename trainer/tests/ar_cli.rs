@@ -19,7 +19,20 @@ fn ar_stage_resumes_from_its_checkpoint_and_samples() {
     let d = data.display().to_string();
     let r = run.display().to_string();
     ok(trainer()
-        .args(["fit", "--stage", "vae", "--preset", "tiny", "--quiet", "--batch", "4", "--steps", "3", "--eval-images", "4"])
+        .args([
+            "fit",
+            "--stage",
+            "vae",
+            "--preset",
+            "tiny",
+            "--quiet",
+            "--batch",
+            "4",
+            "--steps",
+            "3",
+            "--eval-images",
+            "4",
+        ])
         .args(["--data", &d, "--out", &r])
         .output()
         .unwrap());
@@ -52,7 +65,19 @@ fn ar_stage_resumes_from_its_checkpoint_and_samples() {
 
     let png = dir.path().join("grid.png");
     let out = ok(trainer()
-        .args(["sample", "--checkpoint", &r, "--classes", "2,0", "--per-class", "3", "--steps", "2", "--quiet", "--out"])
+        .args([
+            "sample",
+            "--checkpoint",
+            &r,
+            "--classes",
+            "2,0",
+            "--per-class",
+            "3",
+            "--steps",
+            "2",
+            "--quiet",
+            "--out",
+        ])
         .arg(&png)
         .output()
         .unwrap());
@@ -68,7 +93,8 @@ fn ar_stage_resumes_from_its_checkpoint_and_samples() {
         (vec!["--steps", "0"], "--steps"),
     ] {
         let bad = dir.path().join("bad.png");
-        let o = trainer().args(["sample", "--checkpoint", &r, "--quiet", "--out"]).arg(&bad).args(&args).output().unwrap();
+        let o =
+            trainer().args(["sample", "--checkpoint", &r, "--quiet", "--out"]).arg(&bad).args(&args).output().unwrap();
         let se = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && se.contains(needle), "{args:?}: {se}");
         assert_eq!(se.trim().lines().count(), 1, "{se}");

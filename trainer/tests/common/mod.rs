@@ -36,4 +36,3 @@ pub fn trainer() -> Command {
     c.args(["--threads", "1"]);
     c
 }
-
