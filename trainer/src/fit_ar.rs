@@ -274,10 +274,8 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     let outcome = fitloop::run(
         "ar",
         start,
-        ta.steps,
-        ta.ckpt_every,
+        ta,
         stop,
-        ta.progress,
         |step| {
             let mut tr = tr_cell.borrow_mut();
             let (z, labels) = latents.sample(&shuffler.next_batch(ta.batch), radius);

@@ -192,10 +192,8 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
     let outcome = fitloop::run(
         "vae",
         start,
-        ta.steps,
-        ta.ckpt_every,
+        ta,
         stop,
-        ta.progress,
         |step| {
             let idx = shuffler.next_batch(ta.batch);
             let x = batch_tensor(&train, &idx, args.flip.then_some(&mut flip_rng));

@@ -92,19 +92,18 @@ pub struct LoopOutcome {
     pub seconds: f64,
 }
 
-/// Runs `step_fn(step)` (returning the loss and a status message) from `start` to `total`, saving with
-/// `save(step)` every `ckpt_every` steps, at the end, and when `stop` is raised.
+/// Runs `step_fn(step)` (returning the loss and a status message) from `start` to `args.steps`, saving
+/// with `save(step)` every `args.ckpt_every` steps, at the end, and when `stop` is raised.
 pub fn run(
     label: &str,
     start: usize,
-    total: usize,
-    ckpt_every: usize,
+    args: &TrainArgs,
     stop: &AtomicBool,
-    show_progress: bool,
     mut step_fn: impl FnMut(usize) -> Result<(f64, String)>,
     mut save: impl FnMut(usize) -> Result<()>,
 ) -> Result<LoopOutcome> {
-    let bar = progress::bar(total as u64, start as u64, label, show_progress);
+    let (total, ckpt_every) = (args.steps, args.ckpt_every);
+    let bar = progress::bar(total as u64, start as u64, label, args.progress);
     let t0 = Instant::now();
     let mut losses: Vec<f64> = Vec::new();
     let mut step = start;
