@@ -1,17 +1,23 @@
 //! spherear-core: the math and formats every crate of the toolchain shares, with no libtorch.
 //!
 //! - [`config`]: model presets and config.json
+//! - [`cost`]: analytic FLOPs / weight bytes of sampling and the roofline bound
+//! - [`stats`]: feature Gaussians and the Fréchet distance
+//! - [`timing`]: per-stage timing of sampling runs, extrapolation, peak RSS
 //! - [`noise`]: the seeded noise source and its documented draw order
 //! - [`sphere`]: projection onto the radius-R sphere
 //! - [`rope`]: the 2-D RoPE table
 //! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
 //! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
 //! - [`fsutil`]: atomic writes
+//! - [`judge`]: the judge classifier's config and export manifest (quality evaluation)
 //! - [`manifest`]: `manifest.json` of an ONNX export (serde types, load + format-version check)
 
 pub mod config;
+pub mod cost;
 pub mod data;
 pub mod fsutil;
+pub mod judge;
 pub mod keys;
 pub mod manifest;
 pub mod noise;
@@ -19,6 +25,8 @@ pub mod request;
 pub mod rope;
 pub mod schedule;
 pub mod sphere;
+pub mod stats;
+pub mod timing;
 pub mod torch_pickle;
 
 pub use config::{ArConfig, ModelConfig, VaeConfig};

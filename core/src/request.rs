@@ -17,6 +17,9 @@ pub struct SampleRequest {
     pub seed: u64,
     /// Images per forward batch, before CFG doubling.
     pub batch: usize,
+    /// Benchmarking only: sample just the first n tokens of every image (the rest stay zero) and
+    /// extrapolate the time with [`crate::timing::Timing`]. `None` samples whole images.
+    pub token_limit: Option<usize>,
 }
 
 impl SampleRequest {
@@ -33,10 +36,15 @@ impl SampleRequest {
             return Err(CoreError::Invalid("--per-class must be ≥ 1".into()));
         }
         let classes = rows.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect();
-        Ok(SampleRequest { classes, cfg, steps, seed, batch })
+        Ok(SampleRequest { classes, cfg, steps, seed, batch, token_limit: None })
     }
 
     /// Checks the request against a model with `num_classes` classes; the message names the bad value.
+    /// Tokens per image this request samples for a model with `num_tokens` tokens.
+    pub fn tokens_to_sample(&self, num_tokens: usize) -> usize {
+        self.token_limit.map_or(num_tokens, |n| n.min(num_tokens))
+    }
+
     pub fn validate(&self, num_classes: usize) -> Result<(), CoreError> {
         validate_cfg(self.cfg)?;
         if self.steps == 0 {
@@ -44,6 +52,9 @@ impl SampleRequest {
         }
         if self.batch == 0 {
             return Err(CoreError::Invalid("--batch must be ≥ 1".into()));
+        }
+        if self.token_limit == Some(0) {
+            return Err(CoreError::Invalid("--token-limit must be ≥ 1".into()));
         }
         if self.classes.is_empty() {
             return Err(CoreError::Invalid("no classes to sample".into()));
@@ -79,5 +90,6 @@ mod tests {
         assert!(bad(&|r| r.cfg = 0.5));
         assert!(bad(&|r| r.classes = vec![-1]));
         assert!(bad(&|r| r.classes.clear()));
+        assert!(bad(&|r| r.token_limit = Some(0)));
     }
 }

@@ -63,7 +63,29 @@ fn ck(path: &Path, msg: impl Into<String>) -> ExportError {
     ExportError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+/// Reads every key of `want` from `st` as f32: the tensors found with the right shape and dtype, and one
+/// message per missing, misshapen or unsupported key.
+pub(crate) fn read_keys(st: &safetensors::SafeTensors, want: &[KeySpec]) -> (HashMap<String, Tensor>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut tensors = HashMap::with_capacity(want.len());
+    for KeySpec { name, shape } in want {
+        match st.tensor(name) {
+            Err(_) => problems.push(format!("missing {name}")),
+            Ok(v) if v.shape() != shape.as_slice() => {
+                problems.push(format!("{name} has shape {:?}, config wants {shape:?}", v.shape()))
+            }
+            Ok(v) => match to_f32(v.dtype(), v.data()) {
+                Some(data) => {
+                    tensors.insert(name.clone(), Tensor { shape: shape.clone(), data });
+                }
+                None => problems.push(format!("{name} has unsupported dtype {:?}", v.dtype())),
+            },
+        }
+    }
+    (tensors, problems)
+}
+
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let b2 = |c: &[u8]| [c[0], c[1]];
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -111,22 +133,7 @@ impl Checkpoint {
             Stage::Ar => all_keys(&config),
             Stage::Vae => vae_keys(&config),
         };
-        let mut problems = Vec::new();
-        let mut tensors = HashMap::with_capacity(want.len());
-        for KeySpec { name, shape } in &want {
-            match st.tensor(name) {
-                Err(_) => problems.push(format!("missing {name}")),
-                Ok(v) if v.shape() != shape.as_slice() => {
-                    problems.push(format!("{name} has shape {:?}, config wants {shape:?}", v.shape()))
-                }
-                Ok(v) => match to_f32(v.dtype(), v.data()) {
-                    Some(data) => {
-                        tensors.insert(name.clone(), Tensor { shape: shape.clone(), data });
-                    }
-                    None => problems.push(format!("{name} has unsupported dtype {:?}", v.dtype())),
-                },
-            }
-        }
+        let (tensors, mut problems) = read_keys(&st, &want);
         let extra = st.names().into_iter().filter(|n| !tensors.contains_key(*n) && !want.iter().any(|k| &k.name == *n));
         problems.extend(extra.map(|n| format!("unexpected {n}")));
         if !problems.is_empty() {

@@ -6,11 +6,13 @@
 //! - [`checkpoint`]: reading and validating checkpoints; writing random-init ones for tests
 //! - [`graphs`]: the four graphs (`ar_prefill`, `ar_step`, `head_step`, `decoder`)
 //! - [`export`]: the `exporter onnx` command: atomic output folder and `manifest.json`
+//! - [`judge`]: the `exporter judge` command: the judge classifier as `judge.onnx` + core's judge manifest
 
 pub mod checkpoint;
 pub mod error;
 pub mod export;
 pub mod graphs;
+pub mod judge;
 pub mod onnx;
 
 pub use error::{ExportError, Result};

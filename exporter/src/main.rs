@@ -37,6 +37,20 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write the judge classifier as judge.onnx (fp32, weights in judge.weights.bin beside it) and
+    /// manifest.json (config, test accuracy, dataset).
+    Judge {
+        /// Judge run folder written by `trainer fit --stage judge` (judge-config.json, judge.safetensors,
+        /// judge-metrics.json).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output folder; it appears whole or not at all. Must not exist or be empty unless --force.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing non-empty output folder.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a random-init checkpoint folder for a preset (tests, size checks; not for sampling).
     RandomCheckpoint {
         /// Preset name (spherear-b, spherear-l, spherear-h, fmnist-32, tiny).
@@ -67,6 +81,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 m.weights.file,
                 m.weights.bytes,
                 m.precision.compute
+            );
+        }
+        Cmd::Judge { checkpoint, out, force } => {
+            let opts = exporter::judge::JudgeExportOptions { checkpoint, out, force };
+            let m = exporter::judge::export_judge(&opts).context("judge export failed")?;
+            println!(
+                "wrote {} ({}, {} conv blocks, {} features, {} classes; test accuracy {})",
+                opts.out.display(),
+                m.file,
+                m.config.channels.len(),
+                m.config.feature_dim,
+                m.config.num_classes,
+                m.test_accuracy.map(|a| format!("{:.2}%", 100.0 * a)).unwrap_or_else(|| "unknown".into())
             );
         }
         Cmd::RandomCheckpoint { preset, out, seed, vae_only } => {

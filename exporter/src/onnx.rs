@@ -22,7 +22,7 @@ use onnx_protobuf::{
 };
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Tensor};
 use crate::error::{io_err, ExportError, Result};
 
 /// ONNX IR version written (IR 10 = ONNX 1.16+; read by ONNX Runtime ≥ 1.17 and TensorRT 10).
@@ -95,9 +95,21 @@ pub enum Layout {
     Channel,
 }
 
+/// Where [`WeightFile`] reads the weights it writes: a model checkpoint or a judge checkpoint.
+pub trait WeightSource {
+    /// The f32 tensor `key`, or an error naming it.
+    fn tensor(&self, key: &str) -> Result<&Tensor>;
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&self, key: &str) -> Result<&Tensor> {
+        Checkpoint::tensor(self, key)
+    }
+}
+
 /// The external-data file that receives every checkpoint weight used by the graphs, once.
 pub struct WeightFile<'c> {
-    ckpt: &'c Checkpoint,
+    ckpt: &'c dyn WeightSource,
     dtype: DType,
     file_name: String,
     out: BufWriter<File>,
@@ -109,7 +121,7 @@ pub struct WeightFile<'c> {
 
 impl<'c> WeightFile<'c> {
     /// Creates `dir/file_name`; weights are converted to `dtype` as they are written.
-    pub fn create(ckpt: &'c Checkpoint, dir: &Path, file_name: &str, dtype: DType) -> Result<Self> {
+    pub fn create(ckpt: &'c dyn WeightSource, dir: &Path, file_name: &str, dtype: DType) -> Result<Self> {
         let path = dir.join(file_name);
         let out = BufWriter::new(File::create(&path).map_err(io_err(format!("cannot create {}", path.display())))?);
         Ok(WeightFile {
@@ -385,17 +397,44 @@ impl<'w, 'c> Builder<'w, 'c> {
             doc_string: doc.to_string(),
             ..Default::default()
         };
-        let model = ModelProto {
-            ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
-            producer_name: "spherear-exporter".into(),
-            producer_version: env!("CARGO_PKG_VERSION").into(),
-            graph: Some(graph).into(),
-            doc_string: doc.to_string(),
-            ..Default::default()
-        };
+        let model = model_proto(graph, doc);
         let bytes =
             model.write_to_bytes().map_err(|e| ExportError::Graph(format!("cannot serialise graph {name}: {e}")))?;
         std::fs::write(path, bytes).map_err(io_err(format!("cannot write {}", path.display())))
     }
+}
+
+/// A model around `graph`: IR [`IR_VERSION`], default-domain opset [`OPSET`], our producer name.
+fn model_proto(graph: GraphProto, doc: &str) -> ModelProto {
+    ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
+        producer_name: "spherear-exporter".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph).into(),
+        doc_string: doc.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A one-node graph `C = A · B` with A [m, k] and B [k, n] as inputs, in `dtype` (float32 or float16):
+/// the probe the benchmarks use to measure a machine's matrix-multiply rate through ONNX Runtime.
+pub fn matmul_model(m: usize, k: usize, n: usize, dtype: DType) -> Result<Vec<u8>> {
+    let node = NodeProto {
+        op_type: "MatMul".into(),
+        input: vec!["A".into(), "B".into()],
+        output: vec!["C".into()],
+        name: "matmul".into(),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![node],
+        name: "matmul_probe".into(),
+        input: vec![value_info("A", dtype, &[Dim::N(m), Dim::N(k)]), value_info("B", dtype, &[Dim::N(k), Dim::N(n)])],
+        output: vec![value_info("C", dtype, &[Dim::N(m), Dim::N(n)])],
+        ..Default::default()
+    };
+    model_proto(graph, "matmul probe")
+        .write_to_bytes()
+        .map_err(|e| ExportError::Graph(format!("cannot serialise the matmul probe: {e}")))
 }

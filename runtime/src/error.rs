@@ -32,7 +32,7 @@ pub enum RuntimeError {
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 
 /// Maps an `ort` error (any recover type) into [`RuntimeError::Ort`] with a context, on one line.
-pub(crate) fn ort_err<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E) -> RuntimeError {
+pub fn ort_err<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E) -> RuntimeError {
     let context = context.into();
     move |e| RuntimeError::Ort { context, msg: one_line(&e.to_string()) }
 }

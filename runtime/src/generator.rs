@@ -24,6 +24,7 @@ use spherear_core::manifest::{GraphEntry, Manifest, Stage, TensorDType};
 use spherear_core::noise::BatchNoise;
 use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
 use spherear_core::sphere::project_rows;
+use spherear_core::timing::Timing;
 
 use crate::error::{ort_err, Result, RuntimeError};
 use crate::ortlib;
@@ -33,7 +34,8 @@ use crate::provider::{self, Provider, ProviderOptions, ProviderReport};
 #[derive(Debug, Clone, Default)]
 pub struct GeneratorOptions {
     pub provider: ProviderOptions,
-    /// Intra-op threads of every session (default: ONNX Runtime's choice, the physical cores).
+    /// Threads of the intra-op pool all sessions of the process share (default: one per CPU; the first
+    /// load in a process fixes it, see [`ortlib::environment`]).
     pub threads: Option<usize>,
     /// The ONNX Runtime library (else `ORT_DYLIB_PATH`, else the workspace `.venv`; see [`ortlib`]).
     pub ort_lib: Option<PathBuf>,
@@ -73,6 +75,8 @@ pub struct GenerateStats {
     /// Rows evaluated by head_step, summed over all evaluations.
     pub head_rows: usize,
     pub batches: usize,
+    /// Per-stage time and call counts of token sampling (the decoder is timed by [`Generator::decode_timed`]).
+    pub timing: Timing,
 }
 
 impl GenerateStats {
@@ -190,7 +194,7 @@ impl Generator {
                 return Err(RuntimeError::Model(format!("graph file {} is missing", file.display())));
             }
         }
-        let (env, ort_lib) = ortlib::environment(options.ort_lib.as_deref())?;
+        let (env, ort_lib) = ortlib::environment_with_threads(options.ort_lib.as_deref(), options.threads)?;
         let provider = provider::resolve(&options.provider)?;
         if let Some(dir) = &options.provider.tensorrt.engine_cache {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -328,13 +332,24 @@ impl Generator {
             stats.batches += 1;
         }
         stats.images = req.classes.len();
-        stats.tokens = stats.images * l;
+        stats.tokens = stats.images * req.tokens_to_sample(l);
         stats.sample_seconds = t0.elapsed().as_secs_f64();
+        let t = &mut stats.timing;
+        t.images = stats.images;
+        t.batch = batch.min(stats.images);
+        t.batches = stats.batches;
+        t.num_tokens = l;
+        t.tokens_timed = req.tokens_to_sample(l);
         Ok((Tokens { data, n: req.classes.len(), num_tokens: l, dim: d }, stats))
     }
 
     /// Decodes tokens to images [n, 3, H, W] in [−1, 1], `batch` images per decoder run.
     pub fn decode(&self, tokens: &Tokens, batch: usize) -> Result<Vec<f32>> {
+        self.decode_timed(tokens, batch, &mut Timing::default())
+    }
+
+    /// [`Generator::decode`] that adds its time and calls to `timing`.
+    pub fn decode_timed(&self, tokens: &Tokens, batch: usize, timing: &mut Timing) -> Result<Vec<f32>> {
         let m = &self.manifest;
         if tokens.num_tokens != m.num_tokens
             || tokens.dim != m.latent_dim
@@ -351,6 +366,7 @@ impl Generator {
         let mut session = lock(&self.decoder, "decoder")?;
         for chunk in tokens.data.chunks(batch.max(1) * per_tok) {
             let n = chunk.len() / per_tok;
+            let t0 = Instant::now();
             let input = Tensor::from_array(([n, m.num_tokens, m.latent_dim], chunk.to_vec()))
                 .map_err(ort_err("decoder input"))?;
             let outputs = session.run(ort::inputs!["tokens" => input]).map_err(ort_err("decoder"))?;
@@ -361,6 +377,8 @@ impl Generator {
                 return Err(RuntimeError::Model(format!("decoder returned {} values for {n} images", v.len())));
             }
             images.extend(v.iter().map(|x| x.clamp(-1.0, 1.0)));
+            timing.stages.decoder += t0.elapsed().as_secs_f64();
+            timing.decoder_calls += 1;
         }
         Ok(images)
     }
@@ -517,7 +535,10 @@ impl BatchState {
         }
         self.head_io.bind_input("x_t", &self.x_t).map_err(ort_err("binding x_t"))?;
         self.head_io.bind_input("t", &self.t).map_err(ort_err("binding t"))?;
+        let t0 = Instant::now();
         head.run_binding(&self.head_io).map_err(ort_err("head_step"))?;
+        stats.timing.stages.head += t0.elapsed().as_secs_f64();
+        stats.timing.head_calls += 1;
         let v = read(&self.velocity, "velocity")?;
         match guidance {
             None => self.v[..x_len].copy_from_slice(&v[..x_len]),
@@ -551,16 +572,24 @@ impl BatchState {
         self.prefill_io.bind_input("class_ids", &self.class_ids).map_err(ort_err("binding class_ids"))?;
         stats.max_ar_rows = stats.max_ar_rows.max(self.rows);
         let mut noise = BatchNoise::new(req.seed, first as u64, b);
-        for i in 0..l {
+        for i in 0..req.tokens_to_sample(l) {
+            let token_start = Instant::now();
+            let head_before = stats.timing.stages.head;
             if i == 0 {
                 s.prefill.run_binding(&self.prefill_io).map_err(ort_err("ar_prefill"))?;
+                stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
+                stats.timing.prefill_calls += 1;
             } else {
                 // The previous token (already in self.token) goes in at sequence position cls + i − 1.
                 write(&mut self.position, &[(m.cls_token_num + i - 1) as i64], "position")?;
                 self.step_io.bind_input("token", &self.token).map_err(ort_err("binding token"))?;
                 self.step_io.bind_input("position", &self.position).map_err(ort_err("binding position"))?;
+                let t0 = Instant::now();
                 s.step.run_binding(&self.step_io).map_err(ort_err("ar_step"))?;
+                stats.timing.stages.ar_step += t0.elapsed().as_secs_f64();
+                stats.timing.ar_step_calls += 1;
             }
+            let ar_done = token_start.elapsed().as_secs_f64();
             self.head_io.bind_input("condition", &self.condition).map_err(ort_err("binding condition"))?;
             let plan = token_plan(req.cfg, i, l);
             let x_len = b * plan.noise_rows_per_image * d;
@@ -593,6 +622,8 @@ impl BatchState {
                     tok[x_len..2 * x_len].copy_from_slice(&self.x[..x_len]);
                 }
             }
+            let host = token_start.elapsed().as_secs_f64() - ar_done - (stats.timing.stages.head - head_before);
+            stats.timing.stages.host += host.max(0.0);
             on_tokens(b);
         }
         Ok(())

@@ -7,15 +7,19 @@
 //!   `decode` take `&self` and keep all per-request state (KV cache, bound buffers) in a batch state
 //! - [`provider`]: cpu / cuda / tensorrt registration with logged CPU fallback (or `strict`)
 //! - [`ortlib`]: locating and loading `libonnxruntime.so`
+//! - [`eval`]: quality evaluation with a judge classifier (accuracy, Fréchet distance)
+//! - [`report`]: markdown tables and PNG line charts (eval, benchmarks)
 //! - [`output`]: PNG grid, per-image PNGs, tokens safetensors (atomic writes)
 //!
 //! Depends on the core crate only (never on the exporter or libtorch).
 
 pub mod error;
+pub mod eval;
 pub mod generator;
 pub mod ortlib;
 pub mod output;
 pub mod provider;
+pub mod report;
 
 pub use error::{Result, RuntimeError};
 pub use generator::{GenerateRequest, GenerateStats, Generator, GeneratorOptions, Tokens};

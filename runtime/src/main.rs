@@ -28,6 +28,54 @@ enum Cmd {
     /// Sample class-conditional images from an export and write a PNG grid (same layout, noise and
     /// tokens as `trainer sample` with the same arguments).
     Generate(Box<GenerateArgs>),
+    /// Score generated images with a judge classifier (`exporter judge` folder): class accuracy and the
+    /// Fréchet distance of its penultimate-layer features to the dataset's test split, for every
+    /// steps x cfg setting, plus a reference row of real test images against the training split.
+    /// Prints a table; with --out also writes eval.json, eval.md and eval.png (distance vs CFG).
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Export folder written by `exporter onnx`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Judge folder written by `exporter judge` (manifest.json + judge.onnx).
+    #[arg(long)]
+    judge: PathBuf,
+    /// Generated images per class for every setting.
+    #[arg(long, default_value_t = 100)]
+    per_class: usize,
+    /// Comma-separated CFG scales.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    cfg: Vec<f32>,
+    /// Comma-separated head steps.
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    steps: Vec<usize>,
+    /// Noise seed (image j uses stream j).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per generation batch (before CFG doubling).
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Real data: `fashion-mnist`, `fashion-mnist:DIR` or an ImageFolder root (test split = the target set).
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Training images for the reference row's statistics (default: all).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Folder for eval.json, eval.md, eval.png.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Intra-op threads per session (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -178,6 +226,51 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let style =
+        ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} tokens  {{per_sec}}  eta {{eta}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    ProgressBar::new(total).with_style(style)
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    let manifest = Manifest::load(&a.model)?;
+    for &c in &a.cfg {
+        spherear_core::schedule::validate_cfg(c)?;
+    }
+    if a.steps.contains(&0) || a.batch == 0 {
+        anyhow::bail!("--steps and --batch must be ≥ 1");
+    }
+    let judge = runtime::eval::Judge::load(&a.judge, a.threads, a.ort_lib.as_deref())
+        .with_context(|| format!("loading the judge {}", a.judge.display()))?;
+    let options = GeneratorOptions { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
+    let per_setting = (a.per_class * manifest.num_classes * manifest.num_tokens) as u64;
+    let generator = Generator::with_manifest(&a.model, manifest, &options)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let o = runtime::eval::EvalOptions {
+        per_class: a.per_class,
+        cfgs: a.cfg.clone(),
+        steps: a.steps.clone(),
+        seed: a.seed,
+        batch: a.batch,
+        data: a.data.clone(),
+        train_limit: a.train_limit,
+        out: a.out.clone(),
+    };
+    let bar = progress_bar(per_setting * (a.cfg.len() * a.steps.len()) as u64, a.quiet, "eval");
+    let r = runtime::eval::evaluate(&generator, &judge, &o, |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    println!("{}", runtime::eval::markdown(&r));
+    if let Some(d) = &a.out {
+        println!("wrote {}/eval.json, eval.md, eval.png", d.display());
+    }
+    Ok(())
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNTIME_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ort=error"));
@@ -195,6 +288,7 @@ fn main() -> ExitCode {
     init_logging();
     let res = match &cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Eval(a) => eval(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -187,3 +187,35 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }
 }
+
+/// `runtime eval` on bad input: one error line, exit 1, and the --out folder is never created.
+#[test]
+fn eval_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    fake_export(&model, MANIFEST_VERSION);
+    let out_dir = dir.path().join("eval");
+    let run = |judge: &Path, extra: &[&str], want: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_runtime"))
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--judge")
+            .arg(judge)
+            .args(extra)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: one line expected, got {err}");
+        assert!(err.starts_with("error: ") && err.contains(want), "{extra:?}: want '{want}' in {err}");
+        assert!(!out_dir.exists());
+    };
+    run(&dir.path().join("missing"), &[], "does not exist");
+    // The model folder is an AR export, not a judge.
+    run(&model, &[], "not a judge manifest");
+    run(&model, &["--cfg", "0.5"], "cfg");
+    run(&model, &["--steps", "0"], "--steps");
+}

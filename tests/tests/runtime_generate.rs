@@ -85,7 +85,14 @@ struct Run {
 }
 
 fn trainer_run(m: &ArModel, req: &GenerateRequest, dir: &Path, tag: &str) -> Run {
-    let sreq = SampleRequest { classes: req.classes.clone(), cfg: req.cfg, steps: req.steps, seed: req.seed, batch: 4 };
+    let sreq = SampleRequest {
+        classes: req.classes.clone(),
+        cfg: req.cfg,
+        steps: req.steps,
+        seed: req.seed,
+        batch: 4,
+        token_limit: None,
+    };
     let tokens = sample_tokens(m, &sreq, |_| {}).unwrap();
     let images = tensor_vec(&decode(m, &tokens));
     let grid = dir.join(format!("tch-{tag}.png"));

@@ -2,16 +2,19 @@
 //!
 //! Module map: [`layers`] (blocks shared by the VAE and the AR model), [`psd`] (Power Spherical
 //! posterior), [`vae`] (the S-VAE), [`optim`] (AdamW + schedule), [`checkpoint`] (safetensors
-//! checkpoints), [`fit_vae`] and [`fit_ar`] (the training stages, over [`fitloop`]), [`ar`] (the AR
-//! transformer and diffusion head), [`sample`] (the reference sampler).
+//! checkpoints), [`fit_vae`], [`fit_ar`] and [`fit_judge`] (the training stages, over [`fitloop`]),
+//! [`ar`] (the AR transformer and diffusion head), [`sample`] (the reference sampler), [`judge`]
+//! (the judge classifier for quality evaluation).
 
 pub mod ar;
 pub mod checkpoint;
 pub mod error;
 pub mod fit_ar;
+pub mod fit_judge;
 pub mod fit_vae;
 pub mod fitloop;
 pub mod import;
+pub mod judge;
 pub mod layers;
 pub mod optim;
 pub mod progress;

@@ -9,9 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use spherear_core::data::{parse_source, save_grid_png};
 use trainer::ar::ArModel;
 use trainer::fit_ar::{fit_ar, ArFitArgs};
+use trainer::fit_judge::{fit_judge, JudgeFitArgs};
 use trainer::fit_vae::{fit_vae, VaeFitArgs};
 use trainer::fitloop::{FitSummary, TrainArgs};
-use trainer::sample::{decode, sample_tokens, SampleRequest};
+use trainer::sample::{decode_timed, sample_tokens_with_stats, SampleRequest};
 
 #[derive(Parser)]
 #[command(name = "trainer", version, about = "Train, sample and import SphereAR models with libtorch.")]
@@ -29,6 +30,9 @@ enum Stage {
     Vae,
     /// The AR transformer + diffusion head on frozen VAE latents (needs --vae).
     Ar,
+    /// The judge: a small CNN classifier (cross entropy) used to score generated images; ends with
+    /// its test-split accuracy. Uses only the image size of --preset.
+    Judge,
 }
 
 #[derive(Args)]
@@ -50,15 +54,16 @@ struct FitArgs {
     /// Run folder: config.json, checkpoints, weights, metrics and PNGs go here.
     #[arg(long)]
     out: PathBuf,
-    /// Total optimisation steps (default: 2000 for each stage).
+    /// Total optimisation steps (default: 2000 for vae and ar, 1500 for judge).
     #[arg(long)]
     steps: Option<usize>,
-    /// Images per step.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    /// Images per step (default: 32; judge 64).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings;
+    /// default: 1e-3; judge 2e-3).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Linear warmup steps before the cosine decay.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
@@ -77,15 +82,16 @@ struct FitArgs {
     /// Seed for initialisation, shuffling, augmentation and label dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// VAE stage: random horizontal flips.
+    /// VAE and judge stages: random horizontal flips.
     #[arg(long)]
     flip: bool,
     /// Use only the first N training images.
     #[arg(long)]
     limit: Option<usize>,
-    /// VAE stage: held-out images scored for PSNR at the end.
-    #[arg(long, default_value_t = 1000)]
-    eval_images: usize,
+    /// VAE stage: held-out images scored for PSNR at the end (default 1000). Judge stage: test images
+    /// scored for accuracy (default: the whole test split).
+    #[arg(long)]
+    eval_images: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -114,12 +120,19 @@ struct SampleArgs {
     /// Images per forward batch (before CFG doubling); results do not depend on it.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Output PNG grid: one row per class, images edge to edge.
-    #[arg(long)]
-    out: PathBuf,
+    /// Output PNG grid: one row per class, images edge to edge (required unless --timing-json).
+    #[arg(long, required_unless_present = "timing_json")]
+    out: Option<PathBuf>,
     /// Also write the sampled tokens [N, L, d] here (safetensors, key "tokens").
     #[arg(long)]
     tokens_out: Option<PathBuf>,
+    /// Write the per-stage timing (prefill, AR steps, head, host, decoder; calls; peak RSS) as JSON.
+    #[arg(long)]
+    timing_json: Option<PathBuf>,
+    /// Benchmarking: sample only the first N tokens of each image and extrapolate the time to full
+    /// images (the timing JSON says so). Writes no images.
+    #[arg(long, conflicts_with_all = ["out", "tokens_out"])]
+    token_limit: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -179,6 +192,7 @@ fn run() -> Result<()> {
         Cmd::Fit(f) => match f.stage {
             Stage::Vae => fit_vae_cmd(&f, &stop),
             Stage::Ar => fit_ar_cmd(&f, &stop),
+            Stage::Judge => fit_judge_cmd(&f, &stop),
         },
         Cmd::Sample(s) => sample_cmd(&s),
         Cmd::Import(i) => {
@@ -205,8 +219,8 @@ fn interrupted(step: usize, total: usize) -> ! {
 fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
     TrainArgs {
         steps: f.steps.unwrap_or(default_steps),
-        batch: f.batch,
-        lr: f.lr,
+        batch: f.batch.unwrap_or(32),
+        lr: f.lr.unwrap_or(1e-3),
         min_lr_ratio: 0.05,
         warmup: f.warmup,
         clip: f.clip,
@@ -222,7 +236,7 @@ fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.train = train_args(f, 2000);
     a.kl_weight = f.kl_weight;
     a.flip = f.flip;
-    a.eval_images = f.eval_images;
+    a.eval_images = f.eval_images.unwrap_or(1000);
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
     print_summary("vae", &r.run, "");
     match (r.psnr_mode_db, r.psnr_sample_db) {
@@ -247,6 +261,28 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
+fn fit_judge_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
+    let image_size = spherear_core::ModelConfig::preset(&f.preset)?.image_size;
+    let mut a = JudgeFitArgs::new(parse_source(&f.data), f.out.clone(), image_size);
+    a.train = train_args(f, trainer::fit_judge::DEFAULT_STEPS);
+    a.train.batch = f.batch.unwrap_or(trainer::fit_judge::DEFAULT_BATCH);
+    a.train.lr = f.lr.unwrap_or(trainer::fit_judge::DEFAULT_LR);
+    a.flip = f.flip;
+    a.eval_images = f.eval_images;
+    let r = fit_judge(&a, stop).with_context(|| format!("training the judge into {}", f.out.display()))?;
+    print_summary("judge", &r.run, "");
+    match r.test_accuracy {
+        Some(acc) => println!(
+            "judge test accuracy: {:.2}% on {} test images; weights {}",
+            100.0 * acc,
+            r.test_images,
+            trainer::fit_judge::weights_path(&f.out).display()
+        ),
+        None => bail!("no evaluation was produced"),
+    }
+    Ok(())
+}
+
 /// Exits 130 for an interrupted run; prints the one-line summary otherwise.
 fn print_summary(stage: &str, r: &FitSummary, extra: &str) {
     if r.interrupted {
@@ -267,16 +303,42 @@ fn sample_cmd(s: &SampleArgs) -> Result<()> {
     let m = ArModel::load(&s.checkpoint).with_context(|| format!("loading {}", s.checkpoint.display()))?;
     let nc = m.config.num_classes as i64;
     let rows = s.classes.clone().unwrap_or_else(|| (0..nc).collect());
-    let req = SampleRequest::grid(&rows, s.per_class, s.cfg, s.steps, s.seed, s.batch)?;
+    let mut req = SampleRequest::grid(&rows, s.per_class, s.cfg, s.steps, s.seed, s.batch)?;
+    req.token_limit = s.token_limit;
     req.validate(m.config.num_classes)?;
+    if s.token_limit.is_some() {
+        // Benchmark mode: one untimed 2-token pass first (allocator and thread-pool warm-up), as the
+        // benchmarks do for the runtime.
+        let warm = SampleRequest { token_limit: Some(2), seed: s.seed.wrapping_add(1), ..req.clone() };
+        let _ = sample_tokens_with_stats(&m, &warm, |_| {})?;
+    }
     let bar = trainer::progress::bar(req.classes.len() as u64, 0, "sample", !s.quiet);
+    spherear_core::timing::reset_peak_rss();
     let t0 = std::time::Instant::now();
-    let tokens = sample_tokens(&m, &req, |n| bar.inc(n as u64))?;
+    let (stats, tokens) = sample_tokens_with_stats(&m, &req, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    let images = decode(&m, &tokens);
+    let mut timing = stats.timing;
+    let images = decode_timed(&m, &tokens, req.batch, &mut timing);
+    timing.peak_rss_bytes = spherear_core::timing::peak_rss_bytes();
+    if let Some(p) = &s.timing_json {
+        let text = serde_json::to_string_pretty(&timing).context("serialising the timing")?;
+        spherear_core::fsutil::write_atomic(p, text.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if s.token_limit.is_some() {
+        println!(
+            "timed {} tokens of {} per image: {:.3} s per image extrapolated ({:.3} images/s)",
+            timing.tokens_timed,
+            timing.num_tokens,
+            timing.seconds_per_image(),
+            timing.images_per_second()
+        );
+        return Ok(());
+    }
     let flat = Vec::<f32>::try_from(images.flatten(0, -1)).context("reading the decoded images")?;
-    save_grid_png(&s.out, &flat, req.classes.len(), m.config.image_size, s.per_class)?;
+    if let Some(out) = &s.out {
+        save_grid_png(out, &flat, req.classes.len(), m.config.image_size, s.per_class)?;
+    }
     if let Some(p) = &s.tokens_out {
         let mut f = trainer::checkpoint::TensorFile::default();
         f.tensors.insert("tokens".into(), tokens.shallow_clone());
@@ -285,11 +347,11 @@ fn sample_cmd(s: &SampleArgs) -> Result<()> {
     let n = req.classes.len() as f64;
     let tok = n * m.config.num_tokens() as f64;
     println!(
-        "sampled {} images in {secs:.2} s ({:.2} images/s, {:.1} tokens/s); grid {}",
+        "sampled {} images in {secs:.2} s ({:.2} images/s, {:.1} tokens/s){}",
         req.classes.len(),
         n / secs,
         tok / secs,
-        s.out.display()
+        s.out.as_ref().map(|o| format!("; grid {}", o.display())).unwrap_or_default()
     );
     Ok(())
 }

@@ -7,6 +7,8 @@
 use spherear_core::noise::BatchNoise;
 use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
 use spherear_core::sphere::project_rows;
+use spherear_core::timing::Timing;
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::ar::{ArModel, KvCache};
@@ -23,12 +25,14 @@ fn rows_tensor(x: &[f32], d: usize) -> Tensor {
 }
 
 /// Work counters of a sampling run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SampleStats {
     /// Largest batch the AR transformer ran (2B under CFG, B without).
     pub max_ar_rows: usize,
     /// Rows evaluated by the diffusion head, summed over all evaluations.
     pub head_rows: usize,
+    /// Per-stage time and call counts (the same accounting as the runtime's; decoder via [`decode_timed`]).
+    pub timing: Timing,
 }
 
 /// Samples one token for `rows` rows with conditions `cond` [rows_c, dim].
@@ -46,14 +50,19 @@ fn sample_token(
 ) -> Result<()> {
     let d = m.config.latent_dim;
     let head = &m.ar.head;
+    let t0 = Instant::now();
     let cond_emb = head.embed_condition(cond);
+    stats.timing.stages.head += t0.elapsed().as_secs_f64();
     let n_eval = cond.size()[0];
     let mut velocity = |x: &[f32], t: f32| -> Result<Vec<f32>> {
         stats.head_rows += n_eval as usize;
+        let t0 = Instant::now();
         let xt = rows_tensor(x, d);
         let xt = if guidance.is_some() { Tensor::cat(&[&xt, &xt], 0) } else { xt };
         let tt = Tensor::full([n_eval], t as f64, (Kind::Float, Device::Cpu));
         let v = to_vec(&head.forward_embedded(&xt, &tt, &cond_emb));
+        stats.timing.stages.head += t0.elapsed().as_secs_f64();
+        stats.timing.head_calls += 1;
         match guidance {
             None => Ok(v),
             Some(g) => {
@@ -101,9 +110,21 @@ fn sample_batch(
     let mut tokens = vec![0f32; b * l * d];
     let mut prev: Vec<f32> = Vec::new();
     tch::no_grad(|| -> Result<()> {
-        for i in 0..l {
-            let cond =
-                if i == 0 { m.ar.prefill(&ids, &mut cache) } else { m.ar.step(&rows_tensor(&prev, d), i, &mut cache) };
+        for i in 0..req.tokens_to_sample(l) {
+            let token_start = Instant::now();
+            let head_before = stats.timing.stages.head;
+            let cond = if i == 0 {
+                let c = m.ar.prefill(&ids, &mut cache);
+                stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
+                stats.timing.prefill_calls += 1;
+                c
+            } else {
+                let c = m.ar.step(&rows_tensor(&prev, d), i, &mut cache);
+                stats.timing.stages.ar_step += token_start.elapsed().as_secs_f64();
+                stats.timing.ar_step_calls += 1;
+                c
+            };
+            let ar_done = token_start.elapsed().as_secs_f64();
             let plan = token_plan(req.cfg, i, l);
             let mut x = vec![0f32; b * plan.noise_rows_per_image * d];
             let guidance = plan.guided.then_some(plan.guidance);
@@ -114,6 +135,8 @@ fn sample_batch(
                 tokens[(j * l + i) * d..(j * l + i + 1) * d].copy_from_slice(&x[j * d..(j + 1) * d]);
             }
             prev = if doubled && plan.noise_rows_per_image == 1 { [x.as_slice(), x.as_slice()].concat() } else { x };
+            let host = token_start.elapsed().as_secs_f64() - ar_done - (stats.timing.stages.head - head_before);
+            stats.timing.stages.host += host.max(0.0);
         }
         Ok(())
     })?;
@@ -137,11 +160,34 @@ pub fn sample_tokens_with_stats(
     for (k, chunk) in req.classes.chunks(req.batch).enumerate() {
         parts.push(sample_batch(m, req, k * req.batch, chunk, &mut stats)?);
         on_batch(chunk.len());
+        stats.timing.batches += 1;
     }
+    let t = &mut stats.timing;
+    t.images = req.classes.len();
+    t.batch = req.batch.min(t.images);
+    t.num_tokens = m.config.num_tokens();
+    t.tokens_timed = req.tokens_to_sample(t.num_tokens);
     Ok((stats, Tensor::cat(&parts, 0)))
 }
 
 /// Decodes tokens [N, L, d] to images [N, 3, H, W] in [−1, 1] (decoder output clamped).
 pub fn decode(m: &ArModel, tokens: &Tensor) -> Tensor {
     tch::no_grad(|| m.vae.decode(tokens).clamp(-1.0, 1.0))
+}
+
+/// [`decode`] in batches of `batch` images, adding the time and calls to `timing`.
+pub fn decode_timed(m: &ArModel, tokens: &Tensor, batch: usize, timing: &mut Timing) -> Tensor {
+    let n = tokens.size()[0];
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = (batch as i64).min(n - start);
+        let t0 = Instant::now();
+        let img = decode(m, &tokens.narrow(0, start, len));
+        timing.stages.decoder += t0.elapsed().as_secs_f64();
+        timing.decoder_calls += 1;
+        parts.push(img);
+        start += len;
+    }
+    Tensor::cat(&parts, 0)
 }

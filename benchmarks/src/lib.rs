@@ -1,0 +1,8 @@
+//! benchmarks: how fast the toolchain samples, and how far that is from what the machine allows.
+//!
+//! - [`micro`]: machine peaks (ONNX Runtime MatMul rate, memory read bandwidth)
+//! - [`speed`]: `bench speed`: runtime vs the libtorch reference across batch sizes, steps and
+//!   precisions, with per-stage breakdown, peak RSS, roofline percentages and GPU projections
+
+pub mod micro;
+pub mod speed;
