@@ -180,6 +180,36 @@ fn config_diff(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     out
 }
 
+/// Writes f32 tensors (`bufs[i]` little-endian bytes of `keys[i]`) to `path` atomically as safetensors with
+/// our metadata (format, stage, config JSON).
+pub(crate) fn write_weights(
+    path: &Path,
+    keys: &[KeySpec],
+    bufs: &[Vec<u8>],
+    stage: &str,
+    config: String,
+) -> Result<()> {
+    let views = keys
+        .iter()
+        .zip(bufs)
+        .map(|(k, b)| {
+            TensorView::new(Dtype::F32, k.shape.clone(), b)
+                .map(|v| (k.name.clone(), v))
+                .map_err(|e| ExportError::Invalid(format!("{}: {e}", k.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), WEIGHTS_FORMAT.to_string()),
+        ("stage".to_string(), stage.to_string()),
+        ("config".to_string(), config),
+    ]
+    .into();
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| ExportError::Io(format!("cannot serialise {}: {e}", path.display())))?;
+    spherear_core::fsutil::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
 /// Writes a random-init checkpoint folder for `cfg`: config.json plus `ar.safetensors` with every official
 /// key (`Stage::Ar`) or `vae.safetensors` with the `vae.*` keys (`Stage::Vae`). Linear/conv weights are uniform with variance 1/fan_in, norm weights 1 ± 0.1,
 /// biases ±0.1, so activations stay O(1) and every parameter matters; the VAE RoPE buffers get their
@@ -206,26 +236,7 @@ pub fn write_random(cfg: &ModelConfig, dir: &Path, seed: u64, stage: Stage) -> R
         };
         bufs.push(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     }
-    let views = keys
-        .iter()
-        .zip(&bufs)
-        .map(|(k, b)| {
-            TensorView::new(Dtype::F32, k.shape.clone(), b)
-                .map(|v| (k.name.clone(), v))
-                .map_err(|e| ExportError::Invalid(format!("{}: {e}", k.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta: HashMap<String, String> = [
-        ("format".to_string(), WEIGHTS_FORMAT.to_string()),
-        ("stage".to_string(), stage.name().to_string()),
-        ("config".to_string(), cfg.to_json()),
-    ]
-    .into();
-    let path = dir.join(stage.file());
-    let tmp = spherear_core::fsutil::tmp_sibling(&path);
-    safetensors::serialize_to_file(views, &Some(meta), &tmp)
-        .map_err(|e| ExportError::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(format!("cannot write {}", path.display())))?;
+    write_weights(&dir.join(stage.file()), &keys, &bufs, stage.name(), cfg.to_json())?;
     cfg.save(&dir.join("config.json"))?;
     Ok(())
 }

@@ -10,14 +10,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
-use safetensors::tensor::{Dtype, TensorView};
 use spherear_core::judge::{
     conv_bias_key, conv_weight_key, judge_keys, JudgeConfig, JudgeManifest, FC_PREFIX, JUDGE_CONFIG_FILE,
     JUDGE_GRAPH_FILE, JUDGE_METRICS_FILE, JUDGE_STAGE, JUDGE_WEIGHTS_DATA_FILE, JUDGE_WEIGHTS_FILE, OUT_PREFIX,
 };
 use spherear_core::manifest::MANIFEST_FILE;
 
-use crate::checkpoint::{read_keys, Tensor, WEIGHTS_FORMAT};
+use crate::checkpoint::{read_keys, write_weights, Tensor, WEIGHTS_FORMAT};
 use crate::error::{io_err, ExportError, Result};
 use crate::export::{check_out, write_folder_atomically};
 use crate::onnx::{ai, ais, Builder, DType, Dim, Layout, WeightFile, WeightSource, BATCH};
@@ -200,25 +199,7 @@ pub fn write_random(cfg: &JudgeConfig, dir: &Path, seed: u64) -> Result<()> {
             (0..n).flat_map(|_| rng.gen_range(-a..a).to_le_bytes()).collect()
         })
         .collect();
-    let views = keys
-        .iter()
-        .zip(&bufs)
-        .map(|(k, b)| {
-            TensorView::new(Dtype::F32, k.shape.clone(), b)
-                .map(|v| (k.name.clone(), v))
-                .map_err(|e| ExportError::Invalid(format!("{}: {e}", k.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta: HashMap<String, String> = [
-        ("format".to_string(), WEIGHTS_FORMAT.to_string()),
-        ("stage".to_string(), JUDGE_STAGE.to_string()),
-        ("config".to_string(), cfg.to_json()),
-    ]
-    .into();
-    let path = dir.join(JUDGE_WEIGHTS_FILE);
-    let bytes = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| ExportError::Io(format!("cannot serialise {}: {e}", path.display())))?;
-    spherear_core::fsutil::write_atomic(&path, &bytes)?;
+    write_weights(&dir.join(JUDGE_WEIGHTS_FILE), &keys, &bufs, JUDGE_STAGE, cfg.to_json())?;
     cfg.save(&dir.join(JUDGE_CONFIG_FILE))?;
     Ok(())
 }

@@ -189,14 +189,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         .with_context(|| format!("loading {}", a.model.display()))?;
     let m = generator.manifest();
     let total = (req.classes.len() * m.num_tokens) as u64;
-    let bar = if a.quiet || !std::io::stderr().is_terminal() {
-        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
-    } else {
-        let style = ProgressStyle::with_template("generate [{bar:30}] {pos}/{len} tokens  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        ProgressBar::new(total).with_style(style)
-    };
+    let bar = progress_bar(total, a.quiet, "generate");
     let (tokens, stats) = generator.generate_tokens(&req, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let t0 = std::time::Instant::now();
