@@ -166,6 +166,32 @@ pub struct SpeedReport {
 
 type Res<T> = anyhow::Result<T>;
 
+/// The files a run writes into `--out` (besides the `export-*` folders it makes from `--checkpoint`).
+pub const RESULT_FILES: [&str; 3] = ["speed.json", "speed.md", "speed.png"];
+
+/// Every `--model` must be an export of the `--checkpoint`'s model (same config), checked before any
+/// export or measurement. Returns that config.
+fn check_inputs_match(o: &SpeedOptions) -> Res<ModelConfig> {
+    let (cfg, origin) = match (&o.checkpoint, o.models.first()) {
+        (Some(ckpt), _) => (ModelConfig::load(&ckpt.join("config.json"))?, format!("--checkpoint {}", ckpt.display())),
+        (None, Some(m)) => (Manifest::load(m)?.config, format!("--model {}", m.display())),
+        (None, None) => anyhow::bail!("give --model (an export folder) and/or --checkpoint (a trainer run folder)"),
+    };
+    for m in &o.models {
+        let man = Manifest::load(m)?;
+        if man.config != cfg {
+            anyhow::bail!(
+                "--model {} is an export of a '{}' model that differs from {origin} ('{}'); give exports of one \
+                 model (and its checkpoint), or leave --model out to export the checkpoint",
+                m.display(),
+                man.config.name,
+                cfg.name
+            );
+        }
+    }
+    Ok(cfg)
+}
+
 /// Finds (or makes) an export of each precision.
 fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
     let mut have = Vec::new();
@@ -192,11 +218,10 @@ fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
         // Always a fresh export: a folder left by an earlier run may come from another checkpoint or exporter.
         eprintln!("exporting {} ({}) to {}", ckpt.display(), p.name(), dir.display());
         let opts = exporter::ExportOptions {
-            checkpoint: ckpt.clone(),
-            out: dir.clone(),
             fp16: p == Precision::Fp16,
             max_batch: max_batch.max(64),
             force: true,
+            ..exporter::ExportOptions::new(ckpt, &dir)
         };
         exporter::export(&opts)?;
         let man = Manifest::load(&dir)?;
@@ -266,7 +291,7 @@ fn tempfile_path(dir: &Path, name: &str) -> PathBuf {
 fn runtime_row(g: &Generator, classes: &[i64], cfg: f32, steps: usize, tokens: usize) -> Res<Timing> {
     let batch = classes.len();
     let warm =
-        GenerateRequest { classes: classes.to_vec(), cfg, steps, seed: 1, batch, token_limit: Some(2.min(tokens)) };
+        GenerateRequest { classes: classes.to_vec(), cfg, steps, seed: 1, first_image: 0, batch, token_limit: Some(2.min(tokens)) };
     g.generate_tokens(&warm, |_| {})?;
     let req = GenerateRequest { seed: 0, token_limit: Some(tokens), ..warm };
     reset_peak_rss();
@@ -303,14 +328,23 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
             anyhow::bail!("--checkpoint {} has no ar.safetensors (a trainer AR run folder is needed)", c.display());
         }
     }
-    std::fs::create_dir_all(&o.out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", o.out.display()))?;
-    let exports = exports(o)?;
-    let cfg = exports[0].2.config.clone();
-    let l = cfg.num_tokens();
+    let l = check_inputs_match(o)?.num_tokens();
     let tokens = if o.tokens == 0 { l } else { o.tokens.min(l) };
     if tokens < 2 && l > 1 {
         anyhow::bail!("--tokens must be ≥ 2 (one AR step must be timed to extrapolate)");
     }
+    spherear_core::fsutil::check_dir_output(&o.out)?;
+    std::fs::create_dir_all(&o.out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", o.out.display()))?;
+    // A new run's results replace the old ones only when it finishes: remove the old ones now, so a run
+    // that fails leaves no stale table that looks like its own.
+    for f in RESULT_FILES {
+        let p = o.out.join(f);
+        if p.is_file() {
+            std::fs::remove_file(&p).map_err(|e| anyhow::anyhow!("cannot remove the old {}: {e}", p.display()))?;
+        }
+    }
+    let exports = exports(o)?;
+    let cfg = exports[0].2.config.clone();
     let options = GeneratorOptions { threads: o.threads, ort_lib: o.ort_lib.clone(), ..Default::default() };
     let (env, _) = runtime::ortlib::environment_with_threads(o.ort_lib.as_deref(), o.threads)?;
 

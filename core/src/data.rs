@@ -15,11 +15,11 @@
 //!
 //! [`Shuffler`] yields a seeded, resumable epoch-wise permutation of sample indices.
 
-use std::io::{Cursor, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use image::imageops::{self, FilterType};
-use image::{GrayImage, ImageFormat, RgbImage};
+use image::{GrayImage, RgbImage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -189,7 +189,9 @@ impl Dataset {
 // Shuffler
 // ---------------------------------------------------------------------------------------------
 
-fn splitmix64(mut z: u64) -> u64 {
+/// The SplitMix64 output function (Steele, Lea & Flood 2014): the state `z` advanced by the golden
+/// gamma, then mixed. `splitmix64(0) = 0xE220_A839_7B1D_CDAF`, the generator's first output from state 0.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -292,7 +294,7 @@ impl Shuffler {
 pub enum DataSource {
     /// Fashion-MNIST IDX files (plain or `.gz`) in `dir`.
     FashionMnist { dir: PathBuf },
-    /// One subfolder per class under `root` (or under `root/train` and `root/test`).
+    /// One subfolder per class under `root` (or under both `root/train` and `root/test`).
     ImageFolder { root: PathBuf },
 }
 
@@ -411,6 +413,21 @@ fn read_idx(path: &Path, magic: u32) -> Result<(Vec<usize>, Vec<u8>), CoreError>
     Ok((dims, bytes))
 }
 
+/// The (images, labels) IDX files of `split` in the Fashion-MNIST folder `dir`.
+fn fashion_mnist_files(dir: &Path, split: Split) -> Result<(PathBuf, PathBuf), CoreError> {
+    if !dir.is_dir() {
+        return Err(data_err(format!("{}: Fashion-MNIST directory not found; {INSTALL_HINT}", dir.display())));
+    }
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    Ok((
+        find_idx_file(dir, &format!("{prefix}-images-idx3-ubyte"))?,
+        find_idx_file(dir, &format!("{prefix}-labels-idx1-ubyte"))?,
+    ))
+}
+
 /// Loads Fashion-MNIST (any IDX ubyte image/label pair with labels below 10) from `dir`.
 ///
 /// Files: `train-images-idx3-ubyte`/`train-labels-idx1-ubyte` for [`Split::Train`],
@@ -422,15 +439,7 @@ pub fn load_fashion_mnist(dir: &Path, split: Split, size: usize, limit: Option<u
     if size == 0 {
         return Err(CoreError::Invalid("image size must be at least 1".into()));
     }
-    if !dir.is_dir() {
-        return Err(data_err(format!("{}: Fashion-MNIST directory not found; {INSTALL_HINT}", dir.display())));
-    }
-    let prefix = match split {
-        Split::Train => "train",
-        Split::Test => "t10k",
-    };
-    let img_path = find_idx_file(dir, &format!("{prefix}-images-idx3-ubyte"))?;
-    let lbl_path = find_idx_file(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
+    let (img_path, lbl_path) = fashion_mnist_files(dir, split)?;
     let (idims, pixels) = read_idx(&img_path, IDX_IMAGES_MAGIC)?;
     let (ldims, raw_labels) = read_idx(&lbl_path, IDX_LABELS_MAGIC)?;
     let (n, h, w) = (idims[0], idims[1], idims[2]);
@@ -551,11 +560,99 @@ fn decode_into(path: &Path, size: usize, out: &mut Vec<f32>) -> Result<(), CoreE
     Ok(())
 }
 
+/// The folder that holds the class folders of `split` of an ImageFolder `root`.
+///
+/// If `root/train` and `root/test` are both folders, [`Split::Train`] reads `root/train` and
+/// [`Split::Test`] reads `root/test`. If neither exists, both splits read `root` itself. A root with
+/// only one of the two is an error naming the missing split (such a root is ambiguous: its `train/`
+/// would otherwise be taken for a class), whichever split is asked for.
+pub fn image_folder_split_dir(root: &Path, split: Split) -> Result<PathBuf, CoreError> {
+    if !root.is_dir() {
+        return Err(data_err(format!("{}: image folder not found", root.display())));
+    }
+    let (train, test) = (root.join("train"), root.join("test"));
+    match (train.is_dir(), test.is_dir()) {
+        (true, true) => Ok(match split {
+            Split::Train => train,
+            Split::Test => test,
+        }),
+        (false, false) => Ok(root.to_path_buf()),
+        (has_train, _) => {
+            let (have, missing) = if has_train { ("train", "test") } else { ("test", "train") };
+            Err(data_err(format!(
+                "{}: has a {have}/ split folder but no {missing}/ one; an image folder holds either one folder \
+                 per class, or train/ and test/ each with one folder per class",
+                root.display()
+            )))
+        }
+    }
+}
+
+/// One class of an ImageFolder split: its name (the folder name) and its image files, sorted by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassFiles {
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+/// Lists the classes of `split` of an ImageFolder `root` and their image files, without reading any
+/// image: the non-hidden subfolders of [`image_folder_split_dir`], sorted by name (class ids `0..` in
+/// this order), each with its png/jpg/jpeg files (any case), sorted by path. Errors when there is no
+/// class folder or a class folder has no image.
+pub fn image_folder_classes(root: &Path, split: Split) -> Result<Vec<ClassFiles>, CoreError> {
+    let dir = image_folder_split_dir(root, split)?;
+    let class_dirs: Vec<PathBuf> = sorted_entries(&dir)?.into_iter().filter(|p| p.is_dir()).collect();
+    if class_dirs.is_empty() {
+        return Err(data_err(format!(
+            "{}: no class subfolders (expected one subfolder of images per class)",
+            dir.display()
+        )));
+    }
+    let mut classes = Vec::with_capacity(class_dirs.len());
+    for cd in &class_dirs {
+        let files: Vec<PathBuf> =
+            sorted_entries(cd)?.into_iter().filter(|p| has_image_extension(p) && p.is_file()).collect();
+        if files.is_empty() {
+            return Err(data_err(format!("{}: class folder has no png/jpg/jpeg images", cd.display())));
+        }
+        let name = cd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        classes.push(ClassFiles { name, files });
+    }
+    Ok(classes)
+}
+
+/// The number of classes of `split` of `source`, without decoding any image: 10 for Fashion-MNIST (after
+/// checking that the split's IDX files are there), the number of class folders for an ImageFolder (see
+/// [`image_folder_classes`]). [`load`] of the same split gives a dataset with this `num_classes`.
+pub fn num_classes(source: &DataSource, split: Split) -> Result<usize, CoreError> {
+    match source {
+        DataSource::FashionMnist { dir } => {
+            fashion_mnist_files(dir, split)?;
+            Ok(FASHION_MNIST_CLASSES.len())
+        }
+        DataSource::ImageFolder { root } => Ok(image_folder_classes(root, split)?.len()),
+    }
+}
+
+/// The files `split` of `source` is read from, without reading them: for Fashion-MNIST the images and
+/// the labels IDX file (as found: plain preferred, else `.gz`); for an ImageFolder every image file, class
+/// by class in class-id order (see [`image_folder_classes`]).
+pub fn split_files(source: &DataSource, split: Split) -> Result<Vec<PathBuf>, CoreError> {
+    match source {
+        DataSource::FashionMnist { dir } => {
+            let (images, labels) = fashion_mnist_files(dir, split)?;
+            Ok(vec![images, labels])
+        }
+        DataSource::ImageFolder { root } => {
+            Ok(image_folder_classes(root, split)?.into_iter().flat_map(|c| c.files).collect())
+        }
+    }
+}
+
 /// Loads an ImageFolder: one subfolder per class.
 ///
-/// - Split: if `root/train` and `root/test` are both directories, [`Split::Train`] loads
-///   `root/train` and [`Split::Test`] loads `root/test` (their class subfolders should match).
-///   Otherwise both splits load `root` itself (use [`Dataset::split_holdout`] to hold data out).
+/// - Split: see [`image_folder_split_dir`] (`root/train` + `root/test`, or `root` for both splits; a
+///   root with only one of `train/` and `test/` is an error).
 /// - Classes: the non-hidden subfolders, sorted by name, get ids `0..`; each must hold at least
 ///   one image. Images: files with extension png/jpg/jpeg (any case), sorted by path; other
 ///   files and hidden entries are ignored. Each is decoded (content sniffed), converted to RGB,
@@ -569,37 +666,9 @@ pub fn load_image_folder(root: &Path, split: Split, size: usize, limit: Option<u
     if size == 0 {
         return Err(CoreError::Invalid("image size must be at least 1".into()));
     }
-    if !root.is_dir() {
-        return Err(data_err(format!("{}: image folder not found", root.display())));
-    }
-    let (train, test) = (root.join("train"), root.join("test"));
-    let dir = if train.is_dir() && test.is_dir() {
-        match split {
-            Split::Train => train,
-            Split::Test => test,
-        }
-    } else {
-        root.to_path_buf()
-    };
-
-    let class_dirs: Vec<PathBuf> = sorted_entries(&dir)?.into_iter().filter(|p| p.is_dir()).collect();
-    if class_dirs.is_empty() {
-        return Err(data_err(format!(
-            "{}: no class subfolders (expected one subfolder of images per class)",
-            dir.display()
-        )));
-    }
-    let mut class_names = Vec::with_capacity(class_dirs.len());
-    let mut files: Vec<Vec<PathBuf>> = Vec::with_capacity(class_dirs.len());
-    for cd in &class_dirs {
-        let imgs: Vec<PathBuf> =
-            sorted_entries(cd)?.into_iter().filter(|p| has_image_extension(p) && p.is_file()).collect();
-        if imgs.is_empty() {
-            return Err(data_err(format!("{}: class folder has no png/jpg/jpeg images", cd.display())));
-        }
-        class_names.push(cd.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        files.push(imgs);
-    }
+    let classes = image_folder_classes(root, split)?;
+    let class_names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+    let files: Vec<Vec<PathBuf>> = classes.into_iter().map(|c| c.files).collect();
 
     let total: usize = files.iter().map(Vec::len).sum();
     let mut picked: Vec<(usize, &Path)> = Vec::new();
@@ -649,36 +718,19 @@ pub fn save_grid_png(path: &Path, images: &[f32], n: usize, size: usize, cols: u
             path.display()
         )));
     }
-    let plane = size * size;
-    if images.len() != n * 3 * plane {
+    let per = 3 * size * size;
+    if images.len() != n * per {
         return Err(CoreError::Invalid(format!(
             "cannot write grid {}: {} values do not form {n} images of 3×{size}×{size}",
             path.display(),
             images.len()
         )));
     }
-    let cols = cols.min(n);
-    let rows = n.div_ceil(cols);
-    let (gw, gh) = (cols * size, rows * size);
-    if gw > u32::MAX as usize || gh > u32::MAX as usize {
-        return Err(CoreError::Invalid(format!("cannot write grid {}: too large", path.display())));
+    let mut grid = crate::grid::GridCanvas::new(n, size, cols)?;
+    for (i, img) in images.chunks_exact(per).enumerate() {
+        grid.put(i, img)?;
     }
-    let mut grid = RgbImage::new(gw as u32, gh as u32);
-    for i in 0..n {
-        let img = &images[i * 3 * plane..(i + 1) * 3 * plane];
-        let (x0, y0) = ((i % cols) * size, (i / cols) * size);
-        for y in 0..size {
-            for x in 0..size {
-                let k = y * size + x;
-                let px = [to_u8_pixel(img[k]), to_u8_pixel(img[plane + k]), to_u8_pixel(img[2 * plane + k])];
-                grid.put_pixel((x0 + x) as u32, (y0 + y) as u32, image::Rgb(px));
-            }
-        }
-    }
-    let mut buf = Cursor::new(Vec::new());
-    grid.write_to(&mut buf, ImageFormat::Png)
-        .map_err(|e| CoreError::Io(format!("cannot encode PNG {}: {e}", path.display())))?;
-    crate::fsutil::write_atomic(path, buf.get_ref())
+    grid.save(path)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -900,6 +952,60 @@ mod tests {
         let test = load(&src, Split::Test, 4, None).unwrap();
         assert_eq!(test.class_names, vec!["x"]);
         assert!(test.images.iter().all(|&v| close(v, 1.0)));
+    }
+
+    #[test]
+    fn image_folder_with_one_split_folder_names_the_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        folder_fixture(&d.path().join("train"));
+        let src = DataSource::ImageFolder { root: d.path().into() };
+        for split in [Split::Train, Split::Test] {
+            let e = load(&src, split, 4, None).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, CoreError::Data(_)));
+            assert!(msg.contains("has a train/ split folder but no test/ one"), "{msg}");
+            assert!(!msg.contains('\n') && !msg.contains("no png"), "{msg}");
+        }
+        assert!(num_classes(&src, Split::Train).unwrap_err().to_string().contains("no test/"));
+        std::fs::rename(d.path().join("train"), d.path().join("test")).unwrap();
+        let msg = load(&src, Split::Test, 4, None).unwrap_err().to_string();
+        assert!(msg.contains("has a test/ split folder but no train/ one"), "{msg}");
+    }
+
+    #[test]
+    fn class_count_and_files_without_decoding() {
+        let d = tempfile::tempdir().unwrap();
+        folder_fixture(d.path());
+        // Not an image: loading fails, but counting and listing never decode.
+        std::fs::create_dir(d.path().join("c_bad")).unwrap();
+        std::fs::write(d.path().join("c_bad").join("x.png"), b"not a png").unwrap();
+        let src = DataSource::ImageFolder { root: d.path().into() };
+        assert!(load(&src, Split::Train, 4, None).is_err());
+        assert_eq!(num_classes(&src, Split::Train).unwrap(), 3);
+        let rel: Vec<String> = split_files(&src, Split::Train)
+            .unwrap()
+            .iter()
+            .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(rel, ["a_dog/wide.PNG", "b_cat/0.png", "b_cat/1.png", "c_bad/x.png"]);
+        let names: Vec<String> =
+            image_folder_classes(d.path(), Split::Test).unwrap().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["a_dog", "b_cat", "c_bad"]);
+        // train/ + test/ splits count separately.
+        let s = tempfile::tempdir().unwrap();
+        folder_fixture(&s.path().join("train"));
+        std::fs::create_dir_all(s.path().join("test").join("only")).unwrap();
+        save_png(&s.path().join("test").join("only").join("a.png"), 4, 4, |_, _| [1, 2, 3]);
+        let split = DataSource::ImageFolder { root: s.path().into() };
+        assert_eq!((num_classes(&split, Split::Train).unwrap(), num_classes(&split, Split::Test).unwrap()), (2, 1));
+        // Fashion-MNIST: ten classes once its files are found.
+        let f = fashion_fixture();
+        let fm = DataSource::FashionMnist { dir: f.path().into() };
+        assert_eq!(num_classes(&fm, Split::Test).unwrap(), 10);
+        let files = split_files(&fm, Split::Train).unwrap();
+        assert_eq!(files, [f.path().join("train-images-idx3-ubyte.gz"), f.path().join("train-labels-idx1-ubyte.gz")]);
+        let missing = DataSource::FashionMnist { dir: d.path().join("nope") };
+        assert!(num_classes(&missing, Split::Train).unwrap_err().to_string().contains("dataset-fashion-mnist"));
     }
 
     #[test]

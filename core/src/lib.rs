@@ -9,7 +9,9 @@
 //! - [`rope`]: the 2-D RoPE table
 //! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
 //! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
-//! - [`fsutil`]: atomic writes
+//! - [`grid`]: the PNG grid canvas, filled image by image
+//! - [`fsutil`]: safe output writes: atomic files and folders that never replace what is not ours
+//! - [`validate`]: checks of numeric command-line values with one message shape
 //! - [`judge`]: the judge classifier's config and export manifest (quality evaluation)
 //! - [`manifest`]: `manifest.json` of an ONNX export (serde types, load + format-version check)
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod cost;
 pub mod data;
 pub mod fsutil;
+pub mod grid;
 pub mod judge;
 pub mod keys;
 pub mod manifest;
@@ -28,6 +31,7 @@ pub mod sphere;
 pub mod stats;
 pub mod timing;
 pub mod torch_pickle;
+pub mod validate;
 
 pub use config::{ArConfig, ModelConfig, VaeConfig};
 

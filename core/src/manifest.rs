@@ -1,9 +1,17 @@
 //! `manifest.json` of an ONNX export: the serde types every reader of an export shares, and
 //! [`Manifest::load`], which checks the format name and version before anything else.
 //!
-//! The exporter writes this layout (its own `exporter::export::Manifest` serialises to exactly these
-//! fields; `tests/tests/runtime_*.rs` checks that a fresh export parses here). Readers such as the
-//! runtime depend only on this module, never on the exporter.
+//! The exporter writes this type and readers such as the runtime and `calibration` read it; readers depend
+//! only on this module, never on the exporter.
+//!
+//! Version 2: `ar_step`'s `position` is per row ([batch]: each row at its own token, for continuous
+//! batching) and [`KvCache::attention`] says how `ar_step` attends. Version 1 exports (one shared
+//! `position` [1]) are refused with a message asking for a re-export.
+//!
+//! Per-graph precision ([`GraphEntry::precision`], [`GraphPrecision`]) is optional in the file: the
+//! exporter does not write it (every graph is in `precision.compute`), `calibration quantize` writes it for
+//! every graph (w8/w4 MatMulNBits graphs, weight bytes per call), and [`Manifest::from_json`] fills the
+//! compute-dtype default where it is absent.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +24,7 @@ use crate::CoreError;
 /// Value of the manifest's `format` field.
 pub const MANIFEST_FORMAT: &str = "spherear-onnx";
 /// Version of the manifest layout this crate reads; bumped on any incompatible change.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 /// File name of the manifest inside an export folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -57,6 +65,23 @@ pub enum Stage {
     Vae,
 }
 
+impl Stage {
+    /// The `stage` metadata value of weight files (`ar`, `vae`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Ar => "ar",
+            Stage::Vae => "vae",
+        }
+    }
+    /// The final-weights file of a trainer run folder this stage exports from.
+    pub fn weights_file(self) -> &'static str {
+        match self {
+            Stage::Ar => "ar.safetensors",
+            Stage::Vae => "vae.safetensors",
+        }
+    }
+}
+
 /// One graph of the export.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GraphEntry {
@@ -65,6 +90,161 @@ pub struct GraphEntry {
     pub doc: String,
     pub inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
+    /// How this graph stores its weights and computes its matrix products. Absent in manifests written
+    /// before per-graph precision existed (and in the exporter's own output, where every graph is in the
+    /// export's compute dtype): [`Manifest::from_json`] fills it with [`GraphPrecision::source`] of
+    /// `precision.compute`, so a loaded manifest has it for every graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<GraphPrecision>,
+}
+
+/// Storage and compute precision of one graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionKind {
+    /// Everything in fp32 (the fp32 export).
+    Fp32,
+    /// Weights and activations in fp16 with fp32 islands (the `--fp16` export).
+    Fp16,
+    /// Weight-only int8: every checkpoint-weight MatMul is `com.microsoft.MatMulNBits` with bits = 8
+    /// (symmetric, blockwise along K); activations stay in the compute dtype.
+    W8,
+    /// Weight-only int4 (MatMulNBits, bits = 4), otherwise as [`PrecisionKind::W8`].
+    W4,
+    /// Int8 weights and activations (a calibrated engine, e.g. TensorRT int8).
+    Int8,
+}
+
+impl PrecisionKind {
+    /// Bits per quantized weight of a weight-only kind (8 or 4), `None` otherwise.
+    pub fn weight_bits(self) -> Option<u32> {
+        match self {
+            PrecisionKind::W8 => Some(8),
+            PrecisionKind::W4 => Some(4),
+            _ => None,
+        }
+    }
+    /// The kind of an unquantized graph whose weights are in `dtype`.
+    pub fn of_dtype(dtype: TensorDType) -> Option<PrecisionKind> {
+        match dtype {
+            TensorDType::Float32 => Some(PrecisionKind::Fp32),
+            TensorDType::Float16 => Some(PrecisionKind::Fp16),
+            TensorDType::Int64 => None,
+        }
+    }
+    /// The name used in `manifest.json` and on command lines (`fp32`, `w8`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecisionKind::Fp32 => "fp32",
+            PrecisionKind::Fp16 => "fp16",
+            PrecisionKind::W8 => "w8",
+            PrecisionKind::W4 => "w4",
+            PrecisionKind::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for PrecisionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Smallest MatMulNBits block size (ONNX Runtime's contract: a power of two ≥ 16).
+pub const MIN_BLOCK_SIZE: usize = 16;
+/// Largest MatMulNBits accuracy level (4 = int8 compute).
+pub const MAX_ACCURACY_LEVEL: u8 = 4;
+
+/// Precision of one graph (`graphs.NAME.precision`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphPrecision {
+    pub kind: PrecisionKind,
+    /// w8/w4: weights per quantization block along K (one scale per block and output column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// w8/w4: MatMulNBits `accuracy_level` (0 = unset, 4 = int8 compute: the fast CPU path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_level: Option<u8>,
+    /// w8/w4: number of MatMuls that run as MatMulNBits.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub quantized_matmuls: usize,
+    /// w8/w4: checkpoint keys of the MatMul weights kept at the source precision (`--keep`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<String>,
+    /// Bytes of the initializers one call reads whole (weights, quantized blocks and scales, inline
+    /// constants), each counted once; `None` where the producer did not count them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_bytes: Option<u64>,
+    /// Bytes of the tables a call only looks rows up in (Gather data: class embedding, pos_for_diff, RoPE
+    /// tables); a call reads `rows × row bytes` of them, not all. `None` where not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup_bytes: Option<u64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl GraphPrecision {
+    /// An unquantized graph of an export whose compute dtype is `compute` (the default of a manifest
+    /// without per-graph precision); byte counts unknown.
+    pub fn source(compute: TensorDType) -> GraphPrecision {
+        GraphPrecision {
+            kind: PrecisionKind::of_dtype(compute).unwrap_or(PrecisionKind::Fp32),
+            block_size: None,
+            accuracy_level: None,
+            quantized_matmuls: 0,
+            kept: Vec::new(),
+            weight_bytes: None,
+            lookup_bytes: None,
+        }
+    }
+
+    /// Checks the fields against each other and against the export's compute dtype.
+    pub fn validate(&self, compute: TensorDType) -> Result<(), String> {
+        match self.kind.weight_bits() {
+            Some(_) => {
+                let Some(bs) = self.block_size else { return Err(format!("{} needs a block_size", self.kind)) };
+                if bs < MIN_BLOCK_SIZE || !bs.is_power_of_two() {
+                    return Err(format!("block_size {bs} is not a power of two >= {MIN_BLOCK_SIZE}"));
+                }
+                match self.accuracy_level {
+                    None => return Err(format!("{} needs an accuracy_level", self.kind)),
+                    Some(a) if a > MAX_ACCURACY_LEVEL => {
+                        return Err(format!("accuracy_level {a} is not in 0..={MAX_ACCURACY_LEVEL}"))
+                    }
+                    Some(_) => {}
+                }
+                if self.quantized_matmuls == 0 {
+                    return Err(format!("{} but no MatMul is quantized", self.kind));
+                }
+            }
+            None => {
+                if self.block_size.is_some()
+                    || self.accuracy_level.is_some()
+                    || self.quantized_matmuls > 0
+                    || !self.kept.is_empty()
+                {
+                    return Err(format!(
+                        "{} graphs have no block_size, accuracy_level, quantized_matmuls or kept",
+                        self.kind
+                    ));
+                }
+            }
+        }
+        let source = PrecisionKind::of_dtype(compute);
+        let fits = match self.kind {
+            PrecisionKind::Fp32 | PrecisionKind::Fp16 => source == Some(self.kind),
+            _ => true,
+        };
+        if !fits {
+            return Err(format!("kind {} does not match the export's compute dtype {compute:?}", self.kind));
+        }
+        if self.kept.iter().any(|k| k.is_empty()) {
+            return Err("kept lists an empty weight name".into());
+        }
+        Ok(())
+    }
 }
 
 impl GraphEntry {
@@ -75,6 +255,11 @@ impl GraphEntry {
     /// The output called `name`.
     pub fn output(&self, name: &str) -> Option<&IoSpec> {
         self.outputs.iter().find(|s| s.name == name)
+    }
+    /// This graph's precision, or the default of an export computing in `compute` when the manifest
+    /// does not say (see [`GraphEntry::precision`]).
+    pub fn precision_or(&self, compute: TensorDType) -> GraphPrecision {
+        self.precision.clone().unwrap_or_else(|| GraphPrecision::source(compute))
     }
 }
 
@@ -89,10 +274,11 @@ pub struct WeightsEntry {
     pub doc: String,
 }
 
-/// Precision of the export.
+/// Precision of the export (per-graph weight storage: [`GraphEntry::precision`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Precision {
-    /// Weights, matmuls, convolutions and the KV cache.
+    /// Activations, the KV cache, and the weights of every graph whose [`GraphPrecision`] is fp32/fp16
+    /// (a w8/w4 graph keeps its activations in this dtype and stores its MatMul weights quantized).
     pub compute: TensorDType,
     /// Parts computed in fp32 whatever `compute` is.
     #[serde(default)]
@@ -110,10 +296,37 @@ pub struct KvCache {
     pub seq_len: usize,
     pub head_dim: usize,
     pub dtype: TensorDType,
+    /// How `ar_step` attends over the cache.
+    pub attention: Attention,
     #[serde(default)]
     pub layout: String,
     #[serde(default)]
     pub binding: String,
+}
+
+/// How `ar_step` attends over the preallocated KV cache. Both read and write the same cache layout
+/// in place and compute the same function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// `com.microsoft.GroupQueryAttention`, as onnxruntime-genai's model builder emits it: RoPE fused,
+    /// each row attends only its own filled prefix, past and present share one buffer. ONNX Runtime CPU
+    /// and CUDA; under TensorRT these nodes run on CUDA.
+    #[default]
+    Gqa,
+    /// Standard opset-21 ops (ScatterND, MatMul, Softmax) over the whole preallocated cache with a
+    /// per-row mask: runs on every provider, TensorRT included.
+    Standard,
+}
+
+impl Attention {
+    /// The name in the manifest and on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Attention::Gqa => "gqa",
+            Attention::Standard => "standard",
+        }
+    }
 }
 
 /// Facts of the reference sampler a runtime needs.
@@ -197,8 +410,14 @@ impl Manifest {
                  re-export the checkpoint with a matching `exporter onnx`"
             )));
         }
-        let m: Manifest =
+        let mut m: Manifest =
             serde_json::from_value(value).map_err(|e| CoreError::Config(format!("invalid manifest: {e}")))?;
+        let compute = m.precision.compute;
+        for g in m.graphs.values_mut() {
+            if g.precision.is_none() {
+                g.precision = Some(GraphPrecision::source(compute));
+            }
+        }
         m.validate()?;
         Ok(m)
     }
@@ -228,9 +447,16 @@ impl Manifest {
         if self.max_batch == 0 {
             return err("max_batch must be at least 1".into());
         }
+        if self.precision.compute == TensorDType::Int64 {
+            return err("precision.compute must be float32 or float16".into());
+        }
         for (name, g) in &self.graphs {
             if g.file.is_empty() || g.file.contains("..") || Path::new(&g.file).is_absolute() {
                 return err(format!("graph {name}: file '{}' must be a plain name inside the export", g.file));
+            }
+            if let Some(p) = &g.precision {
+                p.validate(self.precision.compute)
+                    .map_err(|m| CoreError::Config(format!("graph {name}: precision: {m}")))?;
             }
         }
         if self.stage == Stage::Ar {
@@ -255,9 +481,22 @@ impl Manifest {
         Ok(())
     }
 
+    /// Precision of graph `name` (the compute-dtype default where the manifest does not say), or `None`
+    /// if there is no such graph.
+    pub fn graph_precision(&self, name: &str) -> Option<GraphPrecision> {
+        self.graphs.get(name).map(|g| g.precision_or(self.precision.compute))
+    }
+
+    /// Whether any graph stores quantized weights (w8/w4/int8).
+    pub fn is_quantized(&self) -> bool {
+        self.graphs
+            .values()
+            .any(|g| !matches!(g.precision_or(self.precision.compute).kind, PrecisionKind::Fp32 | PrecisionKind::Fp16))
+    }
+
     /// Pretty JSON of the manifest.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<String, CoreError> {
+        serde_json::to_string_pretty(self).map_err(|e| CoreError::Config(format!("cannot serialise the manifest: {e}")))
     }
 }
 
@@ -278,6 +517,7 @@ mod tests {
             doc: String::new(),
             inputs: vec![io("x", TensorDType::Float32)],
             outputs: vec![io("y", TensorDType::Float32)],
+            precision: None,
         };
         Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -311,6 +551,7 @@ mod tests {
                 dtype: TensorDType::Float16,
                 layout: String::new(),
                 binding: String::new(),
+                attention: Attention::Gqa,
             }),
             sampler: Sampler {
                 cfg_schedule: String::new(),
@@ -332,7 +573,7 @@ mod tests {
     #[test]
     fn round_trip_and_dims() {
         let m = sample();
-        let back = Manifest::from_json(&m.to_json()).unwrap();
+        let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
         assert_eq!(back.kv_cache.unwrap().dtype, TensorDType::Float16);
         let spec: IoSpec =
             serde_json::from_str(r#"{"name":"k","dtype":"float16","shape":["batch",2,17,16],"meaning":""}"#).unwrap();
@@ -341,11 +582,11 @@ mod tests {
 
     #[test]
     fn version_and_format_are_checked_first() {
-        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
-        v["format_version"] = 2.into();
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json().unwrap()).unwrap();
+        v["format_version"] = 1.into();
         v.as_object_mut().unwrap().remove("graphs");
         let msg = Manifest::from_json(&v.to_string()).unwrap_err().to_string();
-        assert!(msg.contains("version 2") && msg.contains("version 1"), "{msg}");
+        assert!(msg.contains("version 1 is not supported") && msg.contains("reads version 2"), "{msg}");
         v["format"] = "other".into();
         let msg = Manifest::from_json(&v.to_string()).unwrap_err().to_string();
         assert!(msg.contains("not a SphereAR ONNX manifest"), "{msg}");
@@ -355,15 +596,85 @@ mod tests {
     fn inconsistent_manifests_are_rejected() {
         let mut m = sample();
         m.num_tokens += 1;
-        assert!(Manifest::from_json(&m.to_json()).unwrap_err().to_string().contains("num_tokens"));
+        assert!(Manifest::from_json(&m.to_json().unwrap()).unwrap_err().to_string().contains("num_tokens"));
         let mut m = sample();
         m.graphs.remove("ar_step");
-        assert!(Manifest::from_json(&m.to_json()).unwrap_err().to_string().contains("ar_step"));
+        assert!(Manifest::from_json(&m.to_json().unwrap()).unwrap_err().to_string().contains("ar_step"));
         let mut m = sample();
         if let Some(g) = m.graphs.get_mut("decoder") {
             g.file = "../x.onnx".into();
         }
-        assert!(Manifest::from_json(&m.to_json()).is_err());
+        assert!(Manifest::from_json(&m.to_json().unwrap()).is_err());
+    }
+
+    fn w4(kept: Vec<String>) -> GraphPrecision {
+        GraphPrecision {
+            kind: PrecisionKind::W4,
+            block_size: Some(32),
+            accuracy_level: Some(4),
+            quantized_matmuls: 7,
+            kept,
+            weight_bytes: Some(1234),
+            lookup_bytes: Some(64),
+        }
+    }
+
+    #[test]
+    fn graphs_without_precision_default_to_the_compute_dtype() {
+        // The exporter's output (and every manifest before per-graph precision) has no `precision` per graph.
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json().unwrap()).unwrap();
+        for g in v["graphs"].as_object_mut().unwrap().values_mut() {
+            assert!(g.get("precision").is_none(), "None is not serialised");
+            g.as_object_mut().unwrap().remove("precision");
+        }
+        let m = Manifest::from_json(&v.to_string()).unwrap();
+        for g in m.graphs.values() {
+            let p = g.precision.as_ref().expect("filled on load");
+            assert_eq!(p, &GraphPrecision::source(TensorDType::Float16));
+            assert_eq!(p.kind, PrecisionKind::Fp16);
+        }
+        assert!(!m.is_quantized());
+        let mut m32 = sample();
+        m32.precision.compute = TensorDType::Float32;
+        let m32 = Manifest::from_json(&m32.to_json().unwrap()).unwrap();
+        assert_eq!(m32.graph_precision("decoder").unwrap().kind, PrecisionKind::Fp32);
+        assert!(m32.graph_precision("nope").is_none());
+    }
+
+    #[test]
+    fn quantized_precision_round_trips_and_is_validated() {
+        let mut m = sample();
+        m.precision.compute = TensorDType::Float32;
+        m.graphs.get_mut("ar_step").unwrap().precision = Some(w4(vec!["head.net.final_layer.linear.weight".into()]));
+        let text = m.to_json().unwrap();
+        assert!(text.contains("\"kind\": \"w4\"") && text.contains("\"block_size\": 32"), "{text}");
+        let back = Manifest::from_json(&text).unwrap();
+        assert_eq!(back.graph_precision("ar_step").unwrap(), w4(vec!["head.net.final_layer.linear.weight".into()]));
+        assert_eq!(back.graph_precision("decoder").unwrap().kind, PrecisionKind::Fp32);
+        assert!(back.is_quantized());
+
+        let bad = |edit: &dyn Fn(&mut GraphPrecision), want: &str| {
+            let mut m = sample();
+            m.precision.compute = TensorDType::Float32;
+            let mut p = w4(vec![]);
+            edit(&mut p);
+            m.graphs.get_mut("ar_step").unwrap().precision = Some(p);
+            let msg = Manifest::from_json(&m.to_json().unwrap()).unwrap_err().to_string();
+            assert!(msg.contains("graph ar_step: precision") && msg.contains(want), "{msg}");
+        };
+        bad(&|p| p.block_size = Some(24), "power of two");
+        bad(&|p| p.block_size = Some(8), "power of two");
+        bad(&|p| p.block_size = None, "needs a block_size");
+        bad(&|p| p.accuracy_level = Some(5), "accuracy_level 5");
+        bad(&|p| p.accuracy_level = None, "needs an accuracy_level");
+        bad(&|p| p.quantized_matmuls = 0, "no MatMul is quantized");
+        bad(&|p| p.kept = vec![String::new()], "empty weight name");
+        bad(
+            &|p| *p = GraphPrecision { block_size: Some(32), ..GraphPrecision::source(TensorDType::Float32) },
+            "fp32 graphs have no",
+        );
+        // An fp16 graph in an fp32 export (or the reverse) contradicts precision.compute.
+        bad(&|p| *p = GraphPrecision::source(TensorDType::Float16), "does not match");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use crate::schedule::validate_cfg;
 use crate::CoreError;
 
-/// What to sample. Image j of the request (in `classes` order) uses noise stream j of `seed`, so the
-/// result does not depend on `batch`.
+/// What to sample. Image j of the request (in `classes` order) uses noise stream `first_image + j` of
+/// `seed`, so the result does not depend on `batch`, nor on how a long request is split into pieces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRequest {
     /// One class id per image, in output order.
@@ -15,6 +15,8 @@ pub struct SampleRequest {
     /// Euler–Maruyama steps of the head per token (plus one final Euler step).
     pub steps: usize,
     pub seed: u64,
+    /// Noise stream of `classes[0]` (0 for a whole request; the index of its first image for a piece of one).
+    pub first_image: u64,
     /// Images per forward batch, before CFG doubling.
     pub batch: usize,
     /// Benchmarking only: sample just the first n tokens of every image (the rest stay zero) and
@@ -36,15 +38,15 @@ impl SampleRequest {
             return Err(CoreError::Invalid("--per-class must be ≥ 1".into()));
         }
         let classes = rows.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect();
-        Ok(SampleRequest { classes, cfg, steps, seed, batch, token_limit: None })
+        Ok(SampleRequest { classes, cfg, steps, seed, first_image: 0, batch, token_limit: None })
     }
 
-    /// Checks the request against a model with `num_classes` classes; the message names the bad value.
     /// Tokens per image this request samples for a model with `num_tokens` tokens.
     pub fn tokens_to_sample(&self, num_tokens: usize) -> usize {
         self.token_limit.map_or(num_tokens, |n| n.min(num_tokens))
     }
 
+    /// Checks the request against a model with `num_classes` classes; the message names the bad value.
     pub fn validate(&self, num_classes: usize) -> Result<(), CoreError> {
         validate_cfg(self.cfg)?;
         if self.steps == 0 {

@@ -17,31 +17,9 @@ use crate::error::{io_err, ExportError, Result};
 /// The `format` metadata of weight files.
 pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
 
-/// Which training stage a checkpoint comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// `ar.safetensors`: everything; all four graphs are exported.
-    Ar,
-    /// `vae.safetensors`: the S-VAE only; only the decoder is exported.
-    Vae,
-}
-
-impl Stage {
-    /// The `stage` metadata value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Ar => "ar",
-            Stage::Vae => "vae",
-        }
-    }
-    fn file(self) -> &'static str {
-        match self {
-            Stage::Ar => "ar.safetensors",
-            Stage::Vae => "vae.safetensors",
-        }
-    }
-}
+/// Which training stage a checkpoint comes from (`ar.safetensors`: all four graphs; `vae.safetensors`:
+/// the decoder only).
+pub use spherear_core::manifest::Stage;
 
 /// One f32 tensor.
 #[derive(Debug, Clone)]
@@ -85,6 +63,31 @@ pub(crate) fn read_keys(st: &safetensors::SafeTensors, want: &[KeySpec]) -> (Has
     (tensors, problems)
 }
 
+/// Refuses tensors with NaN or ±Inf values (a diverged or corrupt checkpoint must not be exported): the
+/// error names every such tensor (sorted, at most 6) with its count of non-finite values.
+pub(crate) fn check_finite(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut bad: Vec<(String, usize)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.data.iter().filter(|v| !v.is_finite()).count()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort();
+    let n = bad.len();
+    let shown: Vec<String> = bad.iter().take(6).map(|(k, c)| format!("{k} ({c})")).collect();
+    Err(ck(
+        path,
+        format!(
+            "non-finite (NaN/Inf) values in {n} tensor(s): {}{}; the checkpoint is corrupt or training diverged, \
+             refusing to export it",
+            shown.join(", "),
+            if n > 6 { format!(" (+{} more)", n - 6) } else { String::new() }
+        ),
+    ))
+}
+
 pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let b2 = |c: &[u8]| [c[0], c[1]];
     Some(match dtype {
@@ -104,9 +107,9 @@ impl Checkpoint {
         let config = ModelConfig::load(&dir.join("config.json")).map_err(|e| ck(dir, e.to_string()))?;
         let stage = [Stage::Ar, Stage::Vae]
             .into_iter()
-            .find(|s| dir.join(s.file()).is_file())
+            .find(|s| dir.join(s.weights_file()).is_file())
             .ok_or_else(|| ck(dir, "holds neither ar.safetensors nor vae.safetensors"))?;
-        let path = dir.join(stage.file());
+        let path = dir.join(stage.weights_file());
         let bytes = std::fs::read(&path).map_err(|e| ck(&path, format!("cannot read: {e}")))?;
         let bad = |e: safetensors::SafeTensorError| ck(&path, format!("not a valid safetensors file ({e})"));
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bad)?;
@@ -149,6 +152,7 @@ impl Checkpoint {
                 ),
             ));
         }
+        check_finite(&path, &tensors)?;
         Ok(Checkpoint { dir: dir.to_path_buf(), config, stage, tensors })
     }
 
@@ -236,7 +240,7 @@ pub fn write_random(cfg: &ModelConfig, dir: &Path, seed: u64, stage: Stage) -> R
         };
         bufs.push(data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     }
-    write_weights(&dir.join(stage.file()), &keys, &bufs, stage.name(), cfg.to_json())?;
+    write_weights(&dir.join(stage.weights_file()), &keys, &bufs, stage.name(), cfg.to_json())?;
     cfg.save(&dir.join("config.json"))?;
     Ok(())
 }

@@ -1,22 +1,24 @@
 //! `exporter onnx`: checkpoint folder → export folder with `manifest.json`, the graphs and `weights.bin`.
 //!
 //! The export is written into a temporary sibling folder and renamed into place at the end, so the output
-//! folder appears whole or not at all. An existing non-empty output folder is refused unless `force`.
+//! folder appears whole or not at all. An existing non-empty output folder is refused unless `force`, and
+//! `force` replaces only an earlier export, never the checkpoint or a folder containing it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use spherear_core::manifest::{
+    GraphEntry, GraphPrecision, KvCache, Manifest, Precision, Sampler, Stage, WeightsEntry, MANIFEST_FILE,
+    MANIFEST_FORMAT, MANIFEST_VERSION,
+};
 use spherear_core::schedule::{LAST_DT, TIME_FACTOR};
-use spherear_core::ModelConfig;
 
-use crate::checkpoint::{Checkpoint, Stage};
+use crate::checkpoint::Checkpoint;
 use crate::error::{io_err, ExportError, Result};
-use crate::graphs;
-use crate::onnx::{Builder, DType, IoSpec, WeightFile, IR_VERSION, OPSET};
+use spherear_core::fsutil::{self, write_folder_atomically, FolderOutput};
+use crate::graphs::{self, Attention};
+use crate::onnx::{Builder, DType, WeightFile, IR_VERSION, OPSET};
 
-/// Version of the manifest layout; bumped on any incompatible change.
-pub const MANIFEST_VERSION: u32 = 1;
 /// Name of the shared external-data file.
 pub const WEIGHTS_FILE: &str = "weights.bin";
 
@@ -28,86 +30,22 @@ pub struct ExportOptions {
     pub fp16: bool,
     pub max_batch: usize,
     pub force: bool,
+    /// How `ar_step` attends over the KV cache.
+    pub attention: Attention,
 }
 
-/// One graph in the manifest.
-#[derive(Debug, Clone, Serialize)]
-pub struct GraphEntry {
-    pub file: String,
-    pub doc: String,
-    pub inputs: Vec<IoSpec>,
-    pub outputs: Vec<IoSpec>,
-}
-
-/// The external-data file.
-#[derive(Debug, Clone, Serialize)]
-pub struct WeightsEntry {
-    pub file: String,
-    pub dtype: DType,
-    pub parameters: usize,
-    pub bytes: u64,
-    pub doc: String,
-}
-
-/// Precision of the export.
-#[derive(Debug, Clone, Serialize)]
-pub struct Precision {
-    /// Weights, matmuls, convolutions and the KV cache.
-    pub compute: DType,
-    /// Parts computed in fp32 whatever `compute` is.
-    pub fp32: Vec<String>,
-    /// Graph inputs/outputs: fp32, except the KV cache which is in `compute`.
-    pub io: String,
-}
-
-/// KV-cache contract shared by `ar_prefill` and `ar_step`.
-#[derive(Debug, Clone, Serialize)]
-pub struct KvCache {
-    pub layers: usize,
-    pub heads: usize,
-    pub seq_len: usize,
-    pub head_dim: usize,
-    pub dtype: DType,
-    pub layout: String,
-    pub binding: String,
-}
-
-/// Facts of the reference sampler a runtime needs.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sampler {
-    pub cfg_schedule: String,
-    pub head_sampler: String,
-    pub last_euler_dt: f32,
-    pub time_factor: f32,
-    pub default_steps: usize,
-    pub notes: Vec<String>,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Manifest {
-    pub format: String,
-    pub format_version: u32,
-    pub producer: String,
-    pub onnx_ir_version: i64,
-    pub onnx_opset: i64,
-    pub stage: Stage,
-    pub config: ModelConfig,
-    pub radius: f32,
-    pub latent_dim: usize,
-    pub num_classes: usize,
-    pub null_class_id: usize,
-    pub cls_token_num: usize,
-    pub num_tokens: usize,
-    pub grid: usize,
-    pub image_size: usize,
-    pub max_batch: usize,
-    pub precision: Precision,
-    pub weights: WeightsEntry,
-    pub kv_cache: Option<KvCache>,
-    pub sampler: Sampler,
-    pub provider_hints: BTreeMap<String, String>,
-    pub graphs: BTreeMap<String, GraphEntry>,
+impl ExportOptions {
+    /// fp32, max batch 64, no `force`, GroupQueryAttention.
+    pub fn new(checkpoint: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        ExportOptions {
+            checkpoint: checkpoint.into(),
+            out: out.into(),
+            fp16: false,
+            max_batch: 64,
+            force: false,
+            attention: Attention::default(),
+        }
+    }
 }
 
 /// Why `head_step` is a velocity graph (see the manifest's sampler notes and the README of the export).
@@ -120,79 +58,39 @@ core schedule). Precomputing cond_embed once per token: 38.5 vs 39 ms at batch 1
 128, within run-to-run noise (it is ~1/37 of the head's matmul work), so the condition embedding stays inside \
 head_step and there is no second head graph.";
 
-fn out_err(path: &Path, msg: impl Into<String>) -> ExportError {
-    ExportError::Output { path: path.display().to_string(), msg: msg.into() }
+/// Whether `dir` holds a `manifest.json` whose `format` is `format` (any version).
+pub fn holds_manifest_of(dir: &Path, format: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(spherear_core::manifest::MANIFEST_FILE)) else { return false };
+    let value = serde_json::from_str::<serde_json::Value>(&text).ok();
+    value.as_ref().and_then(|v| v.get("format")).and_then(|f| f.as_str()) == Some(format)
 }
 
-fn is_nonempty_dir(p: &Path) -> Result<bool> {
-    if !p.exists() {
-        return Ok(false);
-    }
-    if !p.is_dir() {
-        return Err(out_err(p, "exists and is not a folder"));
-    }
-    let mut rd = std::fs::read_dir(p).map_err(io_err(format!("cannot list {}", p.display())))?;
-    Ok(rd.next().is_some())
+/// Whether `dir` holds an export (a `spherear-onnx` manifest): the only kind of folder `--force` replaces.
+pub fn holds_export(dir: &Path) -> bool {
+    holds_manifest_of(dir, spherear_core::manifest::MANIFEST_FORMAT)
 }
 
-fn sibling(path: &Path, tag: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
-    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
-}
-
-/// Runs the export. On any error nothing is left at `opts.out` (nor a temporary folder).
+/// Runs the export. On any error nothing is left at `opts.out` (nor a staging folder).
 pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     if opts.max_batch == 0 {
         return Err(ExportError::Invalid("--max-batch must be at least 1".into()));
     }
-    check_out(&opts.out, opts.force)?;
+    check_output(&opts.out, opts.force, "an export", &holds_export, &opts.checkpoint)?;
     let ckpt = Checkpoint::load(&opts.checkpoint)?;
     write_folder_atomically(&opts.out, |tmp| write_all(&ckpt, opts, tmp))
 }
 
-/// Refuses an existing non-empty output folder unless `force`.
-pub(crate) fn check_out(out: &Path, force: bool) -> Result<()> {
-    if is_nonempty_dir(out)? && !force {
-        return Err(out_err(out, "exists and is not empty (pass --force to replace it)"));
-    }
+/// What may be at an export's `--out` ([`fsutil::check_folder_output`]): nothing, an empty folder, or with
+/// `force` a folder of the same kind (`is_ours`) — never the checkpoint folder or a folder containing it.
+pub(crate) fn check_output(
+    out: &Path,
+    force: bool,
+    kind: &str,
+    is_ours: &dyn Fn(&Path) -> bool,
+    checkpoint: &Path,
+) -> Result<()> {
+    fsutil::check_folder_output(&FolderOutput { out, force, kind, is_ours, inputs: &[checkpoint] })?;
     Ok(())
-}
-
-/// Fills a temporary sibling folder of `out` with `write`, then renames it into place (replacing an
-/// existing `out`), so `out` appears whole or not at all. On any error nothing is left behind.
-pub(crate) fn write_folder_atomically<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io_err(format!("cannot create {}", parent.display())))?;
-    }
-    let tmp = sibling(out, "tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(io_err(format!("cannot create {}", tmp.display())))?;
-    let value = match write(&tmp) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    let old = sibling(out, "old");
-    let had_old = out.exists();
-    let swap = (|| {
-        if had_old {
-            std::fs::rename(out, &old)?;
-        }
-        std::fs::rename(&tmp, out)
-    })();
-    if let Err(e) = swap {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if had_old && !out.exists() {
-            let _ = std::fs::rename(&old, out);
-        }
-        return Err(out_err(out, format!("cannot move the export into place: {e}")));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(value)
 }
 
 type GraphFn<'a> = Box<dyn Fn(&mut Builder) -> Result<()> + 'a>;
@@ -211,9 +109,10 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         ));
         list.push((
             "ar_step",
-            "One image token at `position` through the causal transformer with the preallocated KV cache: \
-             condition for the next token. Attention covers positions <= `position`.",
-            Box::new(|b| graphs::ar_step(b, cfg)),
+            "One image token per row at that row's `position` through the causal transformer with the \
+             preallocated KV cache: condition for each row's next token. Row r attends to positions <= \
+             position[r]; rows may be at different positions.",
+            Box::new(|b| graphs::ar_step(b, cfg, opts.attention)),
         ));
         list.push(("head_step", HEAD_STEP_DOC, Box::new(|b| graphs::head_step(b, cfg))));
     }
@@ -228,9 +127,16 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         let mut b = Builder::new(&mut weights);
         build(&mut b)?;
         let (inputs, outputs) = (b.input_specs.clone(), b.output_specs.clone());
+        let (weight_bytes, lookup_bytes) = b.initializer_bytes();
+        let precision = GraphPrecision {
+            weight_bytes: Some(weight_bytes),
+            lookup_bytes: Some(lookup_bytes),
+            ..GraphPrecision::source(dtype.manifest())
+        };
         let file = format!("{name}.onnx");
         b.write(name, doc, &dir.join(&file))?;
-        graphs_out.insert(name.to_string(), GraphEntry { file, doc: doc.to_string(), inputs, outputs });
+        let entry = GraphEntry { file, doc: doc.to_string(), inputs, outputs, precision: Some(precision) };
+        graphs_out.insert(name.to_string(), entry);
     }
     let (parameters, bytes) = (weights.parameters(), weights.bytes());
     weights.finish()?;
@@ -240,14 +146,15 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         heads: a.n_head,
         seq_len: cfg.ar_seq_len(),
         head_dim: a.head_dim_attn(),
-        dtype,
+        dtype: dtype.manifest(),
+        attention: opts.attention,
         layout: "[batch, heads, seq, head_dim]; seq = cls_token_num + num_tokens - 1".into(),
         binding: "Allocate past_key_values.N.* once per generation from ar_prefill's present.N.* and bind each \
-                  ar_step's present.N.* to the same buffers as its past_key_values.N.*: ar_step writes only the \
-                  new position (ScatterND over (row, head, position); ONNX Runtime skips ScatterND's copy when input \
-                  and output share a buffer) and reads the rest in place, so no step copies the cache. Measured, \
-                  random SphereAR-B, ORT CPU, 2 threads: ScatterElements copied the cache on every call even in \
-                  place (12.6 ms of a 72 ms step at batch 1); ScatterND in place costs 0.01 ms. For CFG run the batch doubled (conditional rows, then null-class rows); graphs are batch-agnostic."
+                  ar_step's present.N.* to the same buffers as its past_key_values.N.*: ar_step writes only each \
+                  row's new position (GroupQueryAttention with a shared buffer, or ScatterND over (row, head, \
+                  position), whose copy ONNX Runtime skips when input and output share a buffer) and reads the \
+                  rest in place, so no step copies the cache. For CFG run the batch doubled (conditional rows, \
+                  then null-class rows); graphs are batch-agnostic."
             .into(),
     });
     let fp32 = if opts.fp16 {
@@ -267,8 +174,8 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         Stage::Ar => "stage ar: all graphs".to_string(),
         Stage::Vae => "stage vae: the checkpoint holds only the S-VAE, so only the decoder is exported".to_string(),
     };
-    Ok(Manifest {
-        format: "spherear-onnx".into(),
+    let m = Manifest {
+        format: MANIFEST_FORMAT.into(),
         format_version: MANIFEST_VERSION,
         producer: format!("spherear exporter {}", env!("CARGO_PKG_VERSION")),
         onnx_ir_version: IR_VERSION,
@@ -285,11 +192,17 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         image_size: cfg.image_size,
         max_batch: opts.max_batch,
         precision: Precision {
-            compute: dtype,
+            compute: dtype.manifest(),
             fp32,
             io: "float32 except past_key_values.*/present.* (compute dtype)".into(),
         },
-        weights: WeightsEntry { file: WEIGHTS_FILE.into(), dtype, parameters, bytes, doc: weights_doc.into() },
+        weights: WeightsEntry {
+            file: WEIGHTS_FILE.into(),
+            dtype: dtype.manifest(),
+            parameters,
+            bytes,
+            doc: weights_doc.into(),
+        },
         kv_cache,
         sampler: Sampler {
             cfg_schedule: "linear: g_i = 1 + (cfg - 1) i / num_tokens (core::schedule::token_plan)".into(),
@@ -310,14 +223,21 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
                 "batch".to_string(),
                 format!("dynamic axis 'batch', 1..={} (TensorRT optimisation profile)", opts.max_batch),
             ),
-            ("tensorrt".to_string(), "all other axes are static; opset 21 ops only".to_string()),
+            (
+                "tensorrt".to_string(),
+                match opts.attention {
+                    Attention::Standard => "all other axes are static; opset 21 ops only".to_string(),
+                    Attention::Gqa => "all other axes are static; opset 21 ops except ar_step's GroupQueryAttention \
+                                       (runs on CUDA): export with --attention standard for an all-TensorRT ar_step"
+                        .to_string(),
+                },
+            ),
         ]
         .into(),
         graphs: graphs_out,
-    })
-    .and_then(|m| {
-        let text = serde_json::to_string_pretty(&m).map_err(|e| ExportError::Io(format!("manifest: {e}")))?;
-        std::fs::write(dir.join("manifest.json"), text).map_err(io_err("cannot write manifest.json"))?;
-        Ok(m)
-    })
+    };
+    // Validated as every reader will see it before it is written.
+    let m = Manifest::from_json(&m.to_json()?)?;
+    std::fs::write(dir.join(MANIFEST_FILE), m.to_json()?).map_err(io_err("cannot write manifest.json"))?;
+    Ok(m)
 }

@@ -17,6 +17,8 @@ use crate::onnx::{af, ai, ais, Builder, DType, Dim, Layout, BATCH};
 const NORM_EPS: f32 = 1e-6;
 /// Added to masked attention scores (fp32).
 const MASKED: f32 = -1e9;
+/// `TensorProto.DataType.INT32` (GroupQueryAttention's sequence lengths).
+const ONNX_INT32: i64 = 6;
 
 type B<'a, 'w, 'c> = &'a mut Builder<'w, 'c>;
 
@@ -322,10 +324,13 @@ pub fn ar_prefill(b: B, cfg: &ModelConfig) -> Result<()> {
     condition_out(b, &h, &zero, a.dim, "head condition for image token 0: norm(h[cls-1]) + pos_for_diff[0]")
 }
 
-/// `ar_step`: one token at sequence position `position` with the preallocated KV cache → condition for
-/// the next token; the new key/value is scattered into the cache at `position` (ScatterND), so
-/// `present.*` may be bound to the same buffers as `past_key_values.*`.
-pub fn ar_step(b: B, cfg: &ModelConfig) -> Result<()> {
+pub use spherear_core::manifest::Attention;
+
+/// `ar_step`: one token per row at that row's sequence position `position[row]` with the preallocated KV
+/// cache → condition for each row's next token. Rows may be at different positions (continuous
+/// batching); each row's new key/value is written into the cache at its position, in place when
+/// `present.*` is bound to the same buffers as `past_key_values.*`.
+pub fn ar_step(b: B, cfg: &ModelConfig, attention: Attention) -> Result<()> {
     let (cls, t_len, d) = (cfg.cls_token_num, cfg.ar_seq_len(), cfg.latent_dim);
     let a = Attn::new(cfg.ar.dim, cfg.ar.n_head);
     let (h, hd) = (a.heads as i64, a.hd as i64);
@@ -333,101 +338,155 @@ pub fn ar_step(b: B, cfg: &ModelConfig) -> Result<()> {
         "token",
         DType::Float32,
         vec![BATCH, Dim::N(d)],
-        "image token i-1 (on the radius-R sphere), the same token for both CFG halves",
+        "image token i-1 of each row (on the radius-R sphere); under CFG the same token for both halves",
     );
     let pos = b.input(
         "position",
         DType::Int64,
-        vec![Dim::N(1)],
-        "sequence position written: cls_token_num + i - 1 for image token i-1, i in 1..num_tokens-1",
+        vec![BATCH],
+        "sequence position each row writes: cls_token_num + i - 1 for its image token i-1, i in 1..num_tokens-1 \
+         (rows may differ)",
     );
     let act = b.act;
     let mut past = Vec::new();
     for i in 0..cfg.ar.n_layer {
         let [pk, pv, _, _] = kv_names(i);
-        let m = |w: &str| format!("layer {i} {w} cache [batch, heads, seq, head_dim], valid up to position-1");
+        let m = |w: &str| format!("layer {i} {w} cache [batch, heads, seq, head_dim], row r valid up to position[r]-1");
         past.push([b.input(&pk, act, kv_shape(cfg), &m("key")), b.input(&pv, act, kv_shape(cfg), &m("value"))]);
     }
     let x = down(b, &tok);
     let x = linear(b, &x, "proj_in", true)?;
     let mut x = rms_norm(b, &x, "emb_norm.weight")?;
+    let table = ar_rope(cfg)?;
 
-    // Per-step constants shared by all layers: RoPE row, attention mask column, scatter indices.
-    let (cv, sv) = rope_expanded(&ar_rope(cfg)?);
-    let cos_t = b.c_act(&[t_len, a.hd], &cv);
-    let sin_t = b.c_act(&[t_len, a.hd], &sv);
-    let cos = b.op("Gather", &[&cos_t, &pos], vec![ai("axis", 0)]);
-    let sin = b.op("Gather", &[&sin_t, &pos], vec![ai("axis", 0)]);
-    let ar: Vec<i64> = (0..t_len as i64).collect();
-    let ar = b.c_i64(&[t_len], &ar);
-    let later = b.op("Greater", &[&ar, &pos], vec![]);
-    let neg = b.c_f32(&[], &[MASKED]);
-    let zero = b.c_f32(&[], &[0.0]);
-    let mask = b.op("Where", &[&later, &neg, &zero], vec![]);
-    let mask = reshape(b, &mask, &[t_len as i64, 1]);
-    // ScatterND indices [B, H, 1, 3] = (row, head, position): each update is one contiguous head_dim
-    // vector. ONNX Runtime's ScatterND skips its input-to-output copy when both are the same buffer,
-    // so with in-place binding a step writes only the new position (ScatterElements copies the whole
-    // cache every call: measured 12.6 ms of an 72 ms SphereAR-B step at batch 1, 2/3 of it at batch 16).
-    let bsz = b.op("Shape", &[&x], vec![ai("start", 0), ai("end", 1)]);
-    let rest = b.c_i64(&[3], &[h, 1, 1]);
-    let idx_shape = b.op("Concat", &[&bsz, &rest], vec![ai("axis", 0)]);
-    let zero_i = b.c_i64(&[], &[0]);
-    let one_i = b.c_i64(&[], &[1]);
-    let bsz_s = reshape(b, &bsz, &[]);
-    let rows = b.op("Range", &[&zero_i, &bsz_s, &one_i], vec![]);
-    let rows = reshape(b, &rows, &[-1, 1, 1, 1]);
-    let heads: Vec<i64> = (0..h).collect();
-    let heads = b.c_i64(&[1, h as usize, 1, 1], &heads);
-    let p4 = reshape(b, &pos, &[1, 1, 1, 1]);
-    let parts: Vec<String> = [rows, heads, p4].iter().map(|t| b.op("Expand", &[t, &idx_shape], vec![])).collect();
-    let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![ai("axis", 3)]);
-    let sc = scalar(b, a.scale());
-
-    for (i, [pk, pv]) in past.iter().enumerate() {
-        let p = format!("layers.{i}");
-        let n = rms_norm(b, &x, &format!("{p}.attention_norm.weight"))?;
-        let qkv = linear(b, &n, &format!("{p}.attention.wqkv"), false)?;
-        let parts = split(b, &qkv, &[a.dim; 3]);
-        let q = reshape(b, &parts[0], &[0, h, hd]);
-        let q = rope(b, &q, &cos, &sin, a.hd);
-        let q = mul(b, &q, &sc);
-        let q = reshape(b, &q, &[0, h, hd, 1]);
-        let k = reshape(b, &parts[1], &[0, h, hd]);
-        let k = rope(b, &k, &cos, &sin, a.hd);
-        let k = reshape(b, &k, &[0, h, 1, hd]);
-        let v = reshape(b, &parts[2], &[0, h, 1, hd]);
-        let [_, _, nk, nv] = kv_names(i);
-        let scatter = |b: B, past: &str, new: &str, name: &str| b.op_to("ScatterND", &[past, &idx, new], vec![], name);
-        let kc = scatter(b, pk, &k, &nk);
-        let vc = scatter(b, pv, &v, &nv);
-        for (name, w) in [(&nk, "key"), (&nv, "value")] {
-            let meaning = format!(
-                "layer {i} {w} cache with `position` written; the rest is past_key_values.{i}.{w} unchanged \
-                 (bind to the same buffer for an in-place update)"
-            );
-            b.output(name, name, act, kv_shape(cfg), &meaning);
+    match attention {
+        Attention::Gqa => {
+            // RoPE caches [T, hd/2]: angle j of position p rotates the interleaved pair (2j, 2j+1).
+            let cos: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[0]).collect();
+            let sin: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[1]).collect();
+            let cos = b.c_act(&[t_len, a.hd / 2], &cos);
+            let sin = b.c_act(&[t_len, a.hd / 2], &sin);
+            // seqlens_k = tokens already in each row's cache = its position; total = longest row + 1.
+            let seqlens = b.op("Cast", &[&pos], vec![ai("to", ONNX_INT32)]);
+            let zero = b.c_i64(&[1], &[0]);
+            let longest = b.op("ReduceMax", &[&pos, &zero], vec![ai("keepdims", 0)]);
+            let one = b.c_i64(&[], &[1]);
+            let total = add(b, &longest, &one);
+            let total = b.op("Cast", &[&total], vec![ai("to", ONNX_INT32)]);
+            for (i, [pk, pv]) in past.iter().enumerate() {
+                let p = format!("layers.{i}");
+                let n = rms_norm(b, &x, &format!("{p}.attention_norm.weight"))?;
+                let qkv = linear(b, &n, &format!("{p}.attention.wqkv"), false)?;
+                let parts = split(b, &qkv, &[a.dim; 3]);
+                let qkv: Vec<String> = parts.iter().map(|t| reshape(b, t, &[0, 1, a.dim as i64])).collect();
+                let [_, _, nk, nv] = kv_names(i);
+                let out = b.fresh_name("gqa");
+                b.op_ms(
+                    "GroupQueryAttention",
+                    &[&qkv[0], &qkv[1], &qkv[2], pk, pv, &seqlens, &total, &cos, &sin],
+                    vec![
+                        ai("num_heads", h),
+                        ai("kv_num_heads", h),
+                        ai("do_rotary", 1),
+                        ai("rotary_interleaved", 1),
+                        af("scale", a.scale()),
+                    ],
+                    &[&out, &nk, &nv],
+                );
+                kv_outputs(b, cfg, i);
+                let o = reshape(b, &out, &[0, a.dim as i64]);
+                let o = linear(b, &o, &format!("{p}.attention.wo"), false)?;
+                let hres = add(b, &x, &o);
+                x = ffn(b, &hres, &p, a.hidden)?;
+            }
         }
-        // Scores as a column [B, H, T, 1] = K · q: the cache is read in place, never transposed.
-        let s = b.op("MatMul", &[&kc, &q], vec![]);
-        let pr = softmax(b, &s, Some(&mask), 2);
-        let pr = reshape(b, &pr, &[0, h, 1, t_len as i64]);
-        let o = b.op("MatMul", &[&pr, &vc], vec![]);
-        let o = reshape(b, &o, &[0, a.dim as i64]);
-        let o = linear(b, &o, &format!("{p}.attention.wo"), false)?;
-        let hres = add(b, &x, &o);
-        x = ffn(b, &hres, &p, a.hidden)?;
+        Attention::Standard => {
+            // Per-step constants shared by all layers: each row's RoPE row, mask column, scatter indices.
+            let (cv, sv) = rope_expanded(&table);
+            let cos_t = b.c_act(&[t_len, a.hd], &cv);
+            let sin_t = b.c_act(&[t_len, a.hd], &sv);
+            let cos = b.op("Gather", &[&cos_t, &pos], vec![ai("axis", 0)]);
+            let sin = b.op("Gather", &[&sin_t, &pos], vec![ai("axis", 0)]);
+            let cos = reshape(b, &cos, &[-1, 1, hd]);
+            let sin = reshape(b, &sin, &[-1, 1, hd]);
+            let ar: Vec<i64> = (0..t_len as i64).collect();
+            let ar = b.c_i64(&[t_len], &ar);
+            let pos_col = reshape(b, &pos, &[-1, 1]);
+            let later = b.op("Greater", &[&ar, &pos_col], vec![]);
+            let neg = b.c_f32(&[], &[MASKED]);
+            let zero = b.c_f32(&[], &[0.0]);
+            let mask = b.op("Where", &[&later, &neg, &zero], vec![]);
+            let mask = reshape(b, &mask, &[-1, 1, t_len as i64, 1]);
+            // ScatterND indices [B, H, 1, 3] = (row, head, position[row]): each update is one contiguous
+            // head_dim vector. ONNX Runtime's ScatterND skips its input-to-output copy when both are the same
+            // buffer, so with in-place binding a step writes only the new positions (ScatterElements copies
+            // the whole cache every call: measured 12.6 ms of a 72 ms SphereAR-B step at batch 1).
+            let bsz = b.op("Shape", &[&x], vec![ai("start", 0), ai("end", 1)]);
+            let rest = b.c_i64(&[3], &[h, 1, 1]);
+            let idx_shape = b.op("Concat", &[&bsz, &rest], vec![ai("axis", 0)]);
+            let zero_i = b.c_i64(&[], &[0]);
+            let one_i = b.c_i64(&[], &[1]);
+            let bsz_s = reshape(b, &bsz, &[]);
+            let rows = b.op("Range", &[&zero_i, &bsz_s, &one_i], vec![]);
+            let rows = reshape(b, &rows, &[-1, 1, 1, 1]);
+            let heads: Vec<i64> = (0..h).collect();
+            let heads = b.c_i64(&[1, h as usize, 1, 1], &heads);
+            let p4 = reshape(b, &pos, &[-1, 1, 1, 1]);
+            let parts: Vec<String> =
+                [rows, heads, p4].iter().map(|t| b.op("Expand", &[t, &idx_shape], vec![])).collect();
+            let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![ai("axis", 3)]);
+            let sc = scalar(b, a.scale());
+            for (i, [pk, pv]) in past.iter().enumerate() {
+                let p = format!("layers.{i}");
+                let n = rms_norm(b, &x, &format!("{p}.attention_norm.weight"))?;
+                let qkv = linear(b, &n, &format!("{p}.attention.wqkv"), false)?;
+                let parts = split(b, &qkv, &[a.dim; 3]);
+                let q = reshape(b, &parts[0], &[0, h, hd]);
+                let q = rope(b, &q, &cos, &sin, a.hd);
+                let q = mul(b, &q, &sc);
+                let q = reshape(b, &q, &[0, h, hd, 1]);
+                let k = reshape(b, &parts[1], &[0, h, hd]);
+                let k = rope(b, &k, &cos, &sin, a.hd);
+                let k = reshape(b, &k, &[0, h, 1, hd]);
+                let v = reshape(b, &parts[2], &[0, h, 1, hd]);
+                let [_, _, nk, nv] = kv_names(i);
+                let kc = b.op_to("ScatterND", &[pk, &idx, &k], vec![], &nk);
+                let vc = b.op_to("ScatterND", &[pv, &idx, &v], vec![], &nv);
+                kv_outputs(b, cfg, i);
+                // Scores as a column [B, H, T, 1] = K · q: the cache is read in place, never transposed.
+                let s = b.op("MatMul", &[&kc, &q], vec![]);
+                let pr = softmax(b, &s, Some(&mask), 2);
+                let pr = reshape(b, &pr, &[0, h, 1, t_len as i64]);
+                let o = b.op("MatMul", &[&pr, &vc], vec![]);
+                let o = reshape(b, &o, &[0, a.dim as i64]);
+                let o = linear(b, &o, &format!("{p}.attention.wo"), false)?;
+                let hres = add(b, &x, &o);
+                x = ffn(b, &hres, &p, a.hidden)?;
+            }
+        }
     }
     let off = b.c_i64(&[1], &[cls as i64 - 1]);
     let row = b.op("Sub", &[&pos, &off], vec![]);
-    let row = reshape(b, &row, &[]);
     condition_out(
         b,
         &x,
         &row,
         a.dim,
-        "head condition for image token i = position - cls_token_num + 1: norm(h) + pos_for_diff[i]",
+        "head condition for each row's image token i = position - cls_token_num + 1: norm(h) + pos_for_diff[i]",
     )
+}
+
+/// Declares `present.{i}.key/value` (already produced by a node) as outputs.
+fn kv_outputs(b: B, cfg: &ModelConfig, i: usize) {
+    let [_, _, nk, nv] = kv_names(i);
+    let act = b.act;
+    for (name, w) in [(&nk, "key"), (&nv, "value")] {
+        let meaning = format!(
+            "layer {i} {w} cache with each row's `position` written; the rest is past_key_values.{i}.{w} unchanged \
+             (bind to the same buffer for an in-place update)"
+        );
+        b.output(name, name, act, kv_shape(cfg), &meaning);
+    }
 }
 
 /// `head_step`: (x_t, t, condition) → velocity of the diffusion head.

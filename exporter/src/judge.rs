@@ -11,14 +11,15 @@ use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
 use spherear_core::judge::{
-    conv_bias_key, conv_weight_key, judge_keys, JudgeConfig, JudgeManifest, FC_PREFIX, JUDGE_CONFIG_FILE,
+    conv_bias_key, conv_weight_key, judge_keys, JudgeConfig, JudgeManifest, FC_PREFIX, JUDGE_CONFIG_FILE, JUDGE_FORMAT,
     JUDGE_GRAPH_FILE, JUDGE_METRICS_FILE, JUDGE_STAGE, JUDGE_WEIGHTS_DATA_FILE, JUDGE_WEIGHTS_FILE, OUT_PREFIX,
 };
 use spherear_core::manifest::MANIFEST_FILE;
 
-use crate::checkpoint::{read_keys, write_weights, Tensor, WEIGHTS_FORMAT};
+use crate::checkpoint::{check_finite, read_keys, write_weights, Tensor, WEIGHTS_FORMAT};
 use crate::error::{io_err, ExportError, Result};
-use crate::export::{check_out, write_folder_atomically};
+use crate::export::{check_output, holds_manifest_of};
+use spherear_core::fsutil::write_folder_atomically;
 use crate::onnx::{ai, ais, Builder, DType, Dim, Layout, WeightFile, WeightSource, BATCH};
 
 /// Dataset recorded in the manifest when the run folder has no `judge-metrics.json`.
@@ -84,6 +85,7 @@ impl JudgeCheckpoint {
             problems.sort();
             return Err(ck(&path, format!("checkpoint/config mismatch: {}", problems.join("; "))));
         }
+        check_finite(&path, &tensors)?;
         let (mut test_accuracy, mut dataset) = (None, DEFAULT_DATASET.to_string());
         let metrics = dir.join(JUDGE_METRICS_FILE);
         if metrics.is_file() {
@@ -154,7 +156,7 @@ fn gemm(b: &mut Builder, x: &str, p: &str) -> Result<String> {
 
 /// Runs `exporter judge`. On any error nothing is left at `opts.out` (nor a temporary folder).
 pub fn export_judge(opts: &JudgeExportOptions) -> Result<JudgeManifest> {
-    check_out(&opts.out, opts.force)?;
+    check_output(&opts.out, opts.force, "a judge export", &|d| holds_manifest_of(d, JUDGE_FORMAT), &opts.checkpoint)?;
     let ckpt = JudgeCheckpoint::load(&opts.checkpoint)?;
     write_folder_atomically(&opts.out, |dir| {
         let mut weights = WeightFile::create(&ckpt, dir, JUDGE_WEIGHTS_DATA_FILE, DType::Float32)?;

@@ -16,4 +16,5 @@ pub mod judge;
 pub mod onnx;
 
 pub use error::{ExportError, Result};
-pub use export::{export, ExportOptions, Manifest};
+pub use export::{export, ExportOptions};
+pub use spherear_core::manifest::{Attention, Manifest};

@@ -4,15 +4,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use exporter::checkpoint::Stage;
-use exporter::{export, ExportOptions};
+use exporter::{export, Attention, ExportOptions};
 
 #[derive(Parser)]
 #[command(name = "exporter", version, about = "Export SphereAR checkpoints as ONNX graphs with a manifest")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum AttentionArg {
+    Gqa,
+    Standard,
 }
 
 #[derive(Subcommand)]
@@ -33,7 +39,13 @@ enum Cmd {
         /// are batch-agnostic). CFG doubles the batch, so count both halves.
         #[arg(long, default_value_t = 64)]
         max_batch: usize,
-        /// Replace an existing non-empty output folder.
+        /// How ar_step attends over the KV cache: `gqa` (com.microsoft.GroupQueryAttention as
+        /// onnxruntime-genai emits it: RoPE fused, each row attends only its filled prefix; ONNX Runtime CPU/CUDA)
+        /// or `standard` (opset-21 ops over the whole preallocated cache with a mask: runs on every provider,
+        /// TensorRT included). Same numbers either way.
+        #[arg(long, value_enum, default_value_t = AttentionArg::Gqa)]
+        attention: AttentionArg,
+        /// Replace an existing export in --out (never a folder that is not an export, nor the checkpoint).
         #[arg(long)]
         force: bool,
     },
@@ -47,7 +59,7 @@ enum Cmd {
         /// Output folder; it appears whole or not at all. Must not exist or be empty unless --force.
         #[arg(long)]
         out: PathBuf,
-        /// Replace an existing non-empty output folder.
+        /// Replace an existing judge export in --out (never a folder that is not one, nor the checkpoint).
         #[arg(long)]
         force: bool,
     },
@@ -70,8 +82,12 @@ enum Cmd {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Onnx { checkpoint, out, fp16, max_batch, force } => {
-            let opts = ExportOptions { checkpoint, out, fp16, max_batch, force };
+        Cmd::Onnx { checkpoint, out, fp16, max_batch, attention, force } => {
+            let attention = match attention {
+                AttentionArg::Gqa => Attention::Gqa,
+                AttentionArg::Standard => Attention::Standard,
+            };
+            let opts = ExportOptions { checkpoint, out, fp16, max_batch, force, attention };
             let m = export(&opts).context("export failed")?;
             println!(
                 "wrote {} ({} graphs, {} parameters in {} = {} bytes, {:?})",

@@ -10,7 +10,7 @@ use spherear_core::keys::{ar_keys, param_count, vae_keys};
 use spherear_core::ModelConfig;
 
 fn opts(ckpt: &Path, out: &Path) -> ExportOptions {
-    ExportOptions { checkpoint: ckpt.into(), out: out.into(), fp16: false, max_batch: 4, force: false }
+    ExportOptions { max_batch: 4, ..ExportOptions::new(ckpt, out) }
 }
 
 fn tiny(dir: &Path, stage: Stage) -> std::path::PathBuf {
@@ -52,7 +52,7 @@ fn checkpoint_config_mismatch_is_a_clear_error_and_writes_nothing() {
 }
 
 #[test]
-fn existing_output_needs_force_and_is_replaced_whole() {
+fn existing_output_needs_force_and_force_replaces_only_an_export() {
     let d = tempfile::tempdir().unwrap();
     let ck = tiny(d.path(), Stage::Ar);
     let out = d.path().join("out");
@@ -60,16 +60,76 @@ fn existing_output_needs_force_and_is_replaced_whole() {
     std::fs::write(out.join("precious.txt"), "keep").unwrap();
     let e = export(&opts(&ck, &out)).unwrap_err().to_string();
     assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    // --force does not delete a folder of user files either.
+    let e = export(&ExportOptions { force: true, ..opts(&ck, &out) }).unwrap_err().to_string();
+    assert!(e.contains("holding an export") && !e.contains('\n'), "{e}");
     assert_eq!(std::fs::read_to_string(out.join("precious.txt")).unwrap(), "keep");
     assert!(leftovers(d.path(), &["ck", "out"]).is_empty());
-    let m = export(&ExportOptions { force: true, ..opts(&ck, &out) }).unwrap();
-    assert!(!out.join("precious.txt").exists());
+    // An earlier export is replaced whole.
+    let out2 = d.path().join("out2");
+    export(&opts(&ck, &out2)).unwrap();
+    std::fs::write(out2.join("stale.txt"), "from the earlier export").unwrap();
+    let m = export(&ExportOptions { force: true, ..opts(&ck, &out2) }).unwrap();
+    assert!(!out2.join("stale.txt").exists());
     assert_eq!(m.graphs.len(), 4);
     for g in m.graphs.values() {
-        assert!(out.join(&g.file).is_file());
+        assert!(out2.join(&g.file).is_file());
     }
-    assert!(out.join("manifest.json").is_file());
+    assert!(out2.join("manifest.json").is_file());
+    assert!(leftovers(d.path(), &["ck", "out", "out2"]).is_empty());
+}
+
+#[test]
+fn force_never_deletes_the_checkpoint_or_a_folder_containing_it() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("runs");
+    std::fs::create_dir(&run).unwrap();
+    let ck = tiny(&run, Stage::Ar);
+    let before = std::fs::read(ck.join("ar.safetensors")).unwrap();
+    for out in [ck.clone(), run.clone(), d.path().to_path_buf()] {
+        let e = export(&ExportOptions { force: true, ..opts(&ck, &out) }).unwrap_err().to_string();
+        assert!(e.contains("this command's input"), "{}: {e}", out.display());
+        assert_eq!(std::fs::read(ck.join("ar.safetensors")).unwrap(), before);
+    }
+    // Even when the checkpoint folder also holds a manifest (looks like an export).
+    std::fs::write(ck.join("manifest.json"), r#"{"format": "spherear-onnx"}"#).unwrap();
+    assert!(export(&ExportOptions { force: true, ..opts(&ck, &ck) }).is_err());
+    assert_eq!(std::fs::read(ck.join("ar.safetensors")).unwrap(), before);
+    assert!(leftovers(&run, &["ck"]).is_empty());
+}
+
+#[test]
+fn staging_folders_of_killed_exports_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = tiny(d.path(), Stage::Ar);
+    // What a SIGKILLed export of `out` by a process that no longer exists leaves behind.
+    let stale = d.path().join(".out.tmp-999999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("weights.bin"), vec![0u8; 1000]).unwrap();
+    export(&opts(&ck, &d.path().join("out"))).unwrap();
+    assert!(!stale.exists());
     assert!(leftovers(d.path(), &["ck", "out"]).is_empty());
+}
+
+#[test]
+fn non_finite_weights_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = tiny(d.path(), Stage::Ar);
+    let path = ck.join("ar.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let key = "head.net.final_layer.linear.weight";
+    let (start, len) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data = st.tensor(key).unwrap().data();
+        (data.as_ptr() as usize - bytes.as_ptr() as usize, data.len())
+    };
+    assert!(len >= 8);
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    bytes[start + 4..start + 8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = export(&opts(&ck, &d.path().join("out"))).unwrap_err().to_string();
+    assert!(e.contains("non-finite") && e.contains(&format!("{key} (2)")), "{e}");
+    assert!(leftovers(d.path(), &["ck"]).is_empty());
 }
 
 #[test]

@@ -23,6 +23,12 @@ pub enum RuntimeError {
     /// Writing outputs.
     #[error("{0}")]
     Io(String),
+    /// A graph produced NaN or ±Inf: the export's weights are corrupt or the model diverged.
+    #[error("{graph} produced non-finite values ({what}) at {at}: the export's weights are corrupt or the model diverged")]
+    NonFinite { graph: String, what: String, at: String },
+    /// The caller asked to stop (Ctrl-C, a cancelled request).
+    #[error("cancelled")]
+    Cancelled,
     /// Errors of the core crate (manifest, schedule, noise, PNG writing).
     #[error(transparent)]
     Core(#[from] CoreError),

@@ -190,6 +190,16 @@ pub fn evaluate(g: &Generator, judge: &Judge, o: &EvalOptions, mut progress: imp
             test.num_classes, m.num_classes
         )));
     }
+    // Generated rows are compared with a reference row of as many real test images per class, and all of a
+    // setting's images are scored at once: --per-class is bounded by the smallest test class.
+    let smallest = (0..test.num_classes as i64).map(|c| test.labels.iter().filter(|&&l| l == c).count()).min();
+    if let Some(k) = smallest.filter(|&k| o.per_class > k) {
+        return Err(RuntimeError::Invalid(format!(
+            "--per-class {} is more than the {k} test images of the smallest class (the reference row needs as many \
+             real images per class)",
+            o.per_class
+        )));
+    }
     let sb = 256;
     let test_scores = judge.score(&test.images, sb)?;
     let test_gauss = Gaussian::fit(&test_scores.features, jc.feature_dim)?;

@@ -10,9 +10,10 @@
 //! Buffers: per batch, the KV cache ([2B or B, heads, T, head_dim] per layer and key/value, in the export's
 //! KV dtype) is allocated once and bound both as `ar_prefill`'s `present.*` outputs and as `ar_step`'s
 //! `past_key_values.*` inputs *and* `present.*` outputs, so every step updates it in place (the graph
-//! scatters one position). Condition, token, position, x_t, t and velocity tensors are allocated once per
+//! writes each row's position). Condition, token, position, x_t, t and velocity tensors are allocated once per
 //! batch and bound through [`IoBinding`]s; the token loop allocates nothing proportional to the cache.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -162,6 +163,24 @@ fn check_graph_entry(m: &Manifest, name: &str, g: &GraphEntry) -> Result<()> {
     Ok(())
 }
 
+/// The external-data file must exist with exactly the manifest's byte count: a truncated or replaced
+/// `weights.bin` is one clear error here instead of an ONNX Runtime exception later.
+fn check_weights_file(dir: &Path, m: &Manifest) -> Result<()> {
+    let path = dir.join(&m.weights.file);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| RuntimeError::Model(format!("weights file {} cannot be read: {e}", path.display())))?
+        .len();
+    if len != m.weights.bytes {
+        return Err(RuntimeError::Model(format!(
+            "weights file {} has {len} bytes but the manifest records {}: it is truncated or from another export; \
+             export again",
+            path.display(),
+            m.weights.bytes
+        )));
+    }
+    Ok(())
+}
+
 fn lock<'a>(m: &'a Mutex<Session>, what: &str) -> Result<MutexGuard<'a, Session>> {
     m.lock().map_err(|_| RuntimeError::Model(format!("{what} session lock poisoned by an earlier panic")))
 }
@@ -194,6 +213,7 @@ impl Generator {
                 return Err(RuntimeError::Model(format!("graph file {} is missing", file.display())));
             }
         }
+        check_weights_file(dir, &manifest)?;
         let (env, ort_lib) = ortlib::environment_with_threads(options.ort_lib.as_deref(), options.threads)?;
         let provider = provider::resolve(&options.provider)?;
         if let Some(dir) = &options.provider.tensorrt.engine_cache {
@@ -298,11 +318,25 @@ impl Generator {
     }
 
     /// Samples the tokens of every image of `req`, in batches; `on_tokens(n)` is called after each token
-    /// step with the number of images of the batch (progress in tokens).
+    /// step with the number of images of the batch (progress in tokens). A graph that produces NaN/Inf
+    /// stops it with [`RuntimeError::NonFinite`] naming the graph and the token.
     pub fn generate_tokens(
         &self,
         req: &GenerateRequest,
         mut on_tokens: impl FnMut(usize),
+    ) -> Result<(Tokens, GenerateStats)> {
+        self.generate_tokens_until(req, |n| {
+            on_tokens(n);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Generator::generate_tokens`] that stops with [`RuntimeError::Cancelled`] as soon as `on_tokens`
+    /// returns `ControlFlow::Break` (checked after every token step).
+    pub fn generate_tokens_until(
+        &self,
+        req: &GenerateRequest,
+        mut on_tokens: impl FnMut(usize) -> ControlFlow<()>,
     ) -> Result<(Tokens, GenerateStats)> {
         validate_request(req, &self.manifest)?;
         let m = &self.manifest;
@@ -375,6 +409,14 @@ impl Generator {
             let (_, v) = image.try_extract_tensor::<f32>().map_err(ort_err("decoder output"))?;
             if v.len() != n * per_img {
                 return Err(RuntimeError::Model(format!("decoder returned {} values for {n} images", v.len())));
+            }
+            if !all_finite(v) {
+                let first = images.len() / per_img;
+                return Err(RuntimeError::NonFinite {
+                    graph: "decoder".into(),
+                    what: "image".into(),
+                    at: format!("images {first}..{} of this decode", first + n),
+                });
             }
             images.extend(v.iter().map(|x| x.clamp(-1.0, 1.0)));
             timing.stages.decoder += t0.elapsed().as_secs_f64();
@@ -458,6 +500,10 @@ fn write<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
     Ok(())
 }
 
+fn all_finite(v: &[f32]) -> bool {
+    v.iter().all(|x| x.is_finite())
+}
+
 fn read<'a>(t: &'a Tensor<f32>, what: &str) -> Result<&'a [f32]> {
     t.try_extract_tensor::<f32>().map(|(_, v)| v).map_err(ort_err(format!("reading {what}")))
 }
@@ -484,7 +530,7 @@ impl BatchState {
             class_ids: host(vec![rows], "class_ids")?,
             condition: host(vec![rows, dim], "condition")?,
             token: host(vec![rows, d], "token")?,
-            position: host(vec![1], "position")?,
+            position: host(vec![rows], "position")?,
             x_t: host(vec![rows, d], "x_t")?,
             t: host(vec![rows], "t")?,
             velocity: host(vec![rows, d], "velocity")?,
@@ -559,7 +605,7 @@ impl BatchState {
         grid: &TimeGrid,
         out: &mut [f32],
         stats: &mut GenerateStats,
-        on_tokens: &mut impl FnMut(usize),
+        on_tokens: &mut impl FnMut(usize) -> ControlFlow<()>,
     ) -> Result<()> {
         let m = &g.manifest;
         let (b, d, l) = (classes.len(), self.d, m.num_tokens);
@@ -571,7 +617,13 @@ impl BatchState {
         write(&mut self.class_ids, &ids, "class_ids")?;
         self.prefill_io.bind_input("class_ids", &self.class_ids).map_err(ort_err("binding class_ids"))?;
         stats.max_ar_rows = stats.max_ar_rows.max(self.rows);
-        let mut noise = BatchNoise::new(req.seed, first as u64, b);
+        let mut noise = BatchNoise::new(req.seed, req.first_image + first as u64, b);
+        let images = format!("{}..{}", req.first_image + first as u64, req.first_image + (first + b) as u64);
+        let non_finite = |graph: &str, what: &str, token: usize| RuntimeError::NonFinite {
+            graph: graph.into(),
+            what: what.into(),
+            at: format!("token {token} of images {images}"),
+        };
         for i in 0..req.tokens_to_sample(l) {
             let token_start = Instant::now();
             let head_before = stats.timing.stages.head;
@@ -580,14 +632,19 @@ impl BatchState {
                 stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
                 stats.timing.prefill_calls += 1;
             } else {
-                // The previous token (already in self.token) goes in at sequence position cls + i − 1.
-                write(&mut self.position, &[(m.cls_token_num + i - 1) as i64], "position")?;
+                // The previous token (already in self.token) goes in at sequence position cls + i − 1, the
+                // same for every row of a batch (ar_step also takes rows at different positions).
+                let (_, p) = self.position.try_extract_tensor_mut::<i64>().map_err(ort_err("writing position"))?;
+                p.fill((m.cls_token_num + i - 1) as i64);
                 self.step_io.bind_input("token", &self.token).map_err(ort_err("binding token"))?;
                 self.step_io.bind_input("position", &self.position).map_err(ort_err("binding position"))?;
                 let t0 = Instant::now();
                 s.step.run_binding(&self.step_io).map_err(ort_err("ar_step"))?;
                 stats.timing.stages.ar_step += t0.elapsed().as_secs_f64();
                 stats.timing.ar_step_calls += 1;
+            }
+            if !all_finite(read(&self.condition, "condition")?) {
+                return Err(non_finite(if i == 0 { "ar_prefill" } else { "ar_step" }, "condition", i));
             }
             let ar_done = token_start.elapsed().as_secs_f64();
             self.head_io.bind_input("condition", &self.condition).map_err(ort_err("binding condition"))?;
@@ -609,6 +666,9 @@ impl BatchState {
             }
             self.velocity(&mut s.head, x_len, grid.last_t, guidance, stats)?;
             euler_update(&mut self.x[..x_len], &self.v[..x_len], grid.last_dt)?;
+            if !all_finite(&self.x[..x_len]) {
+                return Err(non_finite("head_step", "velocity", i));
+            }
             project_rows(&mut self.x[..x_len], d, m.config.radius())?;
             // The image's token is the conditional row; the fed-back token goes to both CFG halves
             // (token 0 unguided under CFG: each half keeps its own sample).
@@ -624,7 +684,9 @@ impl BatchState {
             }
             let host = token_start.elapsed().as_secs_f64() - ar_done - (stats.timing.stages.head - head_before);
             stats.timing.stages.host += host.max(0.0);
-            on_tokens(b);
+            if on_tokens(b).is_break() {
+                return Err(RuntimeError::Cancelled);
+            }
         }
         Ok(())
     }

@@ -9,13 +9,15 @@
 //! - [`ortlib`]: locating and loading `libonnxruntime.so`
 //! - [`eval`]: quality evaluation with a judge classifier (accuracy, Fréchet distance)
 //! - [`report`]: markdown tables and PNG line charts (eval, benchmarks)
-//! - [`output`]: PNG grid, per-image PNGs, tokens safetensors (atomic writes)
+//! - [`job`]: a grid request run piece by piece (memory grows with the batch, not the request; Ctrl-C)
+//! - [`output`]: output checks before any work; PNG grid, per-image PNGs, tokens safetensors (atomic writes)
 //!
 //! Depends on the core crate only (never on the exporter or libtorch).
 
 pub mod error;
 pub mod eval;
 pub mod generator;
+pub mod job;
 pub mod ortlib;
 pub mod output;
 pub mod provider;

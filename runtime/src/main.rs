@@ -3,13 +3,17 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runtime::error::one_line;
+use runtime::job::GridJob;
+use runtime::output::OutputWriter;
 use runtime::{
-    GenerateRequest, Generator, GeneratorOptions, Manifest, OutputOptions, Provider, ProviderOptions, TensorRtOptions,
+    Generator, GeneratorOptions, Manifest, OutputOptions, Provider, ProviderOptions, RuntimeError, TensorRtOptions,
 };
 
 #[derive(Parser)]
@@ -171,31 +175,46 @@ fn provider_options(a: &GenerateArgs) -> ProviderOptions {
     }
 }
 
-fn generate(a: &GenerateArgs) -> Result<()> {
+/// Exit status of a run stopped by Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn generate(a: &GenerateArgs) -> Result<ExitCode> {
     // Everything that can be checked without ONNX Runtime is checked first, so bad input costs nothing
     // and never leaves a file behind.
     let manifest = Manifest::load(&a.model)?;
     let rows = a.classes.clone().unwrap_or_else(|| (0..manifest.num_classes as i64).collect());
     let steps = a.steps.unwrap_or(manifest.sampler.default_steps);
-    let req = GenerateRequest::grid(&rows, a.per_class, a.cfg, steps, a.seed, a.batch)?;
-    runtime::generator::validate_request(&req, &manifest)?;
+    let job = GridJob { rows, per_class: a.per_class, cfg: a.cfg, steps, seed: a.seed, batch: a.batch };
+    job.validate(&manifest)?;
+    let total = job.total()?;
     let outputs =
         OutputOptions { grid: a.out.clone(), cols: a.per_class, dir: a.out_dir.clone(), tokens: a.tokens_out.clone() };
     outputs.check()?;
+    outputs.check_memory(total, manifest.image_size, manifest.num_tokens, manifest.latent_dim)?;
     let options = GeneratorOptions { provider: provider_options(a), threads: a.threads, ort_lib: a.ort_lib.clone() };
     options.provider.validate()?;
 
     let generator = Generator::with_manifest(&a.model, manifest, &options)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let m = generator.manifest();
-    let total = (req.classes.len() * m.num_tokens) as u64;
-    let bar = progress_bar(total, a.quiet, "generate");
-    let (tokens, stats) = generator.generate_tokens(&req, |n| bar.inc(n as u64))?;
+    let mut writer = OutputWriter::new(&outputs, total, m.image_size, m.num_tokens, m.latent_dim)?;
+    let cancel = interrupt_flag()?;
+    let bar = progress_bar((total as u64).saturating_mul(m.num_tokens as u64), a.quiet, "generate");
+    let run = job.run(&generator, &mut writer, &cancel, |n| bar.inc(n as u64));
     bar.finish_and_clear();
-    let t0 = std::time::Instant::now();
-    let images = generator.decode(&tokens, generator.effective_batch(&req))?;
-    let decode_s = t0.elapsed().as_secs_f64();
-    runtime::output::write_outputs(&outputs, &req.classes, &tokens, &images, m.image_size)?;
+    let report = match run {
+        Err(RuntimeError::Cancelled) => {
+            let dir = a.out_dir.as_ref().map(|d| format!(" to {}", d.display())).unwrap_or_default();
+            eprintln!(
+                "interrupted: wrote {} of {total} images{dir}; the grid and tokens files are written only by a run \
+                 that finishes",
+                writer.images_written()
+            );
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+        other => other?,
+    };
+    writer.finish()?;
 
     let p = generator.provider();
     let written: Vec<String> = [("grid", &a.out), ("images", &a.out_dir), ("tokens", &a.tokens_out)]
@@ -203,20 +222,35 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         .filter_map(|(what, p)| p.as_ref().map(|p| format!("{what} {}", p.display())))
         .collect();
     println!(
-        "sampled {} images in {:.2} s ({:.2} images/s, {:.1} tokens/s; decode {:.2} s) on {}{}, batch {}, {} steps, cfg {}{}",
-        stats.images,
-        stats.sample_seconds,
-        stats.images_per_second(),
-        stats.tokens_per_second(),
-        decode_s,
+        "sampled {} images in {:.2} s ({:.2} images/s, {:.1} tokens/s; decode {:.2} s) on {}{}, batch {}, {} steps, cfg {}; {}",
+        report.images,
+        report.sample_seconds,
+        report.images_per_second(),
+        report.tokens_per_second(),
+        report.decode_seconds,
         p.active.name(),
         if p.fallback.is_some() { format!(" (requested {})", p.requested.name()) } else { String::new() },
-        generator.effective_batch(&req),
-        req.steps,
-        req.cfg,
-        if written.is_empty() { String::new() } else { format!("; {}", written.join(", ")) }
+        report.batch,
+        job.steps,
+        job.cfg,
+        written.join(", ")
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A flag raised by the first Ctrl-C (the run stops at the next token step and keeps what is written);
+/// a second Ctrl-C exits at once.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(EXIT_INTERRUPTED as i32);
+        }
+        eprintln!("\ninterrupt: stopping after the current token step (press Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
 }
 
 fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
@@ -238,10 +272,13 @@ fn eval(a: &EvalArgs) -> Result<()> {
     if a.steps.contains(&0) || a.batch == 0 {
         anyhow::bail!("--steps and --batch must be ≥ 1");
     }
+    if let Some(d) = &a.out {
+        spherear_core::fsutil::check_dir_output(d)?;
+    }
     let judge = runtime::eval::Judge::load(&a.judge, a.threads, a.ort_lib.as_deref())
         .with_context(|| format!("loading the judge {}", a.judge.display()))?;
     let options = GeneratorOptions { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
-    let per_setting = (a.per_class * manifest.num_classes * manifest.num_tokens) as u64;
+    let per_setting = (a.per_class as u64).saturating_mul((manifest.num_classes * manifest.num_tokens) as u64);
     let generator = Generator::with_manifest(&a.model, manifest, &options)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let o = runtime::eval::EvalOptions {
@@ -281,10 +318,10 @@ fn main() -> ExitCode {
     init_logging();
     let res = match &cli.cmd {
         Cmd::Generate(a) => generate(a),
-        Cmd::Eval(a) => eval(a),
+        Cmd::Eval(a) => eval(a).map(|()| ExitCode::SUCCESS),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE

@@ -250,6 +250,7 @@ mod tests {
                 io("past_key_values.0.key", vec![Dim::Sym("batch".into()), Dim::N(2), Dim::N(17), Dim::N(16)]),
             ],
             outputs: vec![],
+            precision: None,
         };
         let (min, max) = trt_profiles(&g, 32).unwrap();
         assert_eq!(min, "token:1x8,past_key_values.0.key:1x2x17x16");

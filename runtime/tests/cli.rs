@@ -29,7 +29,7 @@ fn fake_export(dir: &Path, version: u32) {
     let cond = io("condition", f, vec![b.clone(), Dim::N(dim)]);
     let graph = |name: &str, inputs: Vec<IoSpec>, outputs: Vec<IoSpec>| {
         std::fs::write(dir.join(format!("{name}.onnx")), b"not an onnx protobuf").unwrap();
-        (name.to_string(), GraphEntry { file: format!("{name}.onnx"), doc: String::new(), inputs, outputs })
+        (name.to_string(), GraphEntry { file: format!("{name}.onnx"), doc: String::new(), inputs, outputs, precision: None })
     };
     let graphs: BTreeMap<String, GraphEntry> = [
         graph(
@@ -81,6 +81,7 @@ fn fake_export(dir: &Path, version: u32) {
             dtype: f,
             layout: String::new(),
             binding: String::new(),
+            attention: Attention::Standard,
         }),
         sampler: Sampler {
             cfg_schedule: String::new(),
@@ -94,7 +95,29 @@ fn fake_export(dir: &Path, version: u32) {
         graphs,
         config: cfg,
     };
-    std::fs::write(dir.join(MANIFEST_FILE), m.to_json()).unwrap();
+    std::fs::write(dir.join(MANIFEST_FILE), m.to_json().unwrap()).unwrap();
+    std::fs::write(dir.join("weights.bin"), b"").unwrap();
+}
+
+/// Runs `runtime ARGS`; asserts failure with one `error: ...` line containing `want`; returns stderr.
+fn fails_with(args: &[&std::ffi::OsStr], want: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_runtime")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(want), "{args:?}: want '{want}' in {err}");
+    err
+}
+
+/// Files in `dir` that a write may have left: staging files and PNGs.
+fn staging_leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-") || n.ends_with(".png"))
+        .collect()
 }
 
 /// Runs `runtime generate ARGS --out DIR/grid.png`; asserts failure with one error line and no PNG.
@@ -114,12 +137,7 @@ fn fails(dir: &Path, model: &Path, args: &[&str], want: &str) {
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
     assert!(lines[0].starts_with("error: ") && lines[0].contains(want), "{args:?}: {err}");
     assert!(!png.exists(), "{args:?} left a PNG");
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "png" || x == "tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(staging_leftovers(dir).is_empty(), "{:?}", staging_leftovers(dir));
 }
 
 #[test]
@@ -149,7 +167,7 @@ fn bad_exports() {
     let v2 = d.join("v2");
     std::fs::create_dir(&v2).unwrap();
     fake_export(&v2, MANIFEST_VERSION + 1);
-    fails(d, &v2, &[], "format version 2 is not supported");
+    fails(d, &v2, &[], &format!("format version {} is not supported", MANIFEST_VERSION + 1));
     let corrupt = d.join("corrupt");
     std::fs::create_dir(&corrupt).unwrap();
     fake_export(&corrupt, MANIFEST_VERSION);
@@ -157,6 +175,92 @@ fn bad_exports() {
     fails(d, &corrupt, &["--ort-lib", "/nonexistent/libonnxruntime.so"], "--ort-lib");
     std::fs::remove_file(corrupt.join("head_step.onnx")).unwrap();
     fails(d, &corrupt, &[], "head_step.onnx is missing");
+}
+
+#[test]
+fn truncated_weights_file_is_named_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("export");
+    std::fs::create_dir(&model).unwrap();
+    fake_export(&model, MANIFEST_VERSION);
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join(MANIFEST_FILE)).unwrap()).unwrap();
+    m["weights"]["bytes"] = 1000.into();
+    std::fs::write(model.join(MANIFEST_FILE), m.to_string()).unwrap();
+    std::fs::write(model.join("weights.bin"), vec![0u8; 600]).unwrap();
+    fails(d, &model, &[], "has 600 bytes but the manifest records 1000");
+    std::fs::remove_file(model.join("weights.bin")).unwrap();
+    fails(d, &model, &[], "weights.bin cannot be read");
+}
+
+/// Requests that cannot fit are refused before any work (they used to abort on a 51 GB allocation or
+/// panic on a capacity overflow); outputs that make no sense are refused too.
+#[test]
+fn impossible_requests_and_outputs_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("export");
+    std::fs::create_dir(&model).unwrap();
+    fake_export(&model, MANIFEST_VERSION);
+    let png = d.join("grid.png");
+    let gen = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec!["generate".into(), "--model".into(), model.clone().into()];
+        v.extend(extra.iter().map(|s| s.into()));
+        v
+    };
+    let run = |extra: &[&str], want: &str| {
+        let args = gen(extra);
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        fails_with(&refs, want)
+    };
+    let out = png.to_str().unwrap();
+    run(&["--per-class", "100000000", "--out", out], "--out-dir");
+    run(&["--per-class", "18446744073709551615", "--out", out], "too many images");
+    run(&["--per-class", "18446744073709551615", "--out-dir", d.join("each").to_str().unwrap()], "too many images");
+    run(&[], "nothing to write");
+    run(&["--out", out, "--tokens-out", out], "two different files");
+    run(&["--out", "/proc/spherear-grid.png"], "not writable");
+    run(&["--out", d.join("no/such/folder/g.png").to_str().unwrap()], "does not exist");
+    assert!(staging_leftovers(d).is_empty());
+    assert!(!d.join("each").exists());
+}
+
+/// `--out` naming a symlink or a FIFO is refused and the path is left as it was (the old atomic writer
+/// replaced it with a regular file, and as root `--out /dev/stdout` destroyed the device link).
+#[cfg(unix)]
+#[test]
+fn special_output_paths_are_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("export");
+    std::fs::create_dir(&model).unwrap();
+    fake_export(&model, MANIFEST_VERSION);
+    let target = d.join("precious.txt");
+    std::fs::write(&target, "keep").unwrap();
+    let link = d.join("link.png");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let fifo = d.join("fifo.png");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let grid = d.join("g.png");
+    for (path, kind) in [(&link, "symbolic link"), (&fifo, "FIFO")] {
+        let args: Vec<&std::ffi::OsStr> =
+            vec!["generate".as_ref(), "--model".as_ref(), model.as_os_str(), "--out".as_ref(), path.as_os_str()];
+        fails_with(&args, kind);
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "generate".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--out".as_ref(),
+            grid.as_os_str(),
+            "--tokens-out".as_ref(),
+            path.as_os_str(),
+        ];
+        fails_with(&args, kind);
+    }
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub fn fixture(preset: &str, seed: u64) -> Fixture {
     for fp16 in [false, true] {
         let out = dir.path().join(if fp16 { "fp16" } else { "fp32" });
         let opts =
-            exporter::ExportOptions { checkpoint: ckpt.clone(), out: out.clone(), fp16, max_batch: 8, force: false };
+            exporter::ExportOptions { fp16, max_batch: 8, ..exporter::ExportOptions::new(&ckpt, &out) };
         exporter::export(&opts).unwrap();
         paths.push(out);
     }

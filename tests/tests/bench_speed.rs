@@ -109,3 +109,32 @@ fn bench_speed_bad_input_is_one_clear_error() {
     assert!(speed::run(&o).unwrap_err().to_string().contains("ar.safetensors"));
     assert!(!out.join("speed.json").exists());
 }
+
+/// A model that is not an export of the checkpoint is refused before anything is exported or measured
+/// (it used to leave a stale export-fp16/ behind), and a run that fails midway leaves no earlier results
+/// that look like its own.
+#[test]
+fn bench_speed_mismatched_inputs_and_failed_runs_leave_nothing_stale() {
+    let fx = fixture("tiny", 6);
+    let out = fx.dir.path().join("bench");
+    let other = fx.dir.path().join("other");
+    let mut cfg = spherear_core::ModelConfig::preset("tiny").unwrap();
+    cfg.ar.n_layer = 3;
+    exporter::checkpoint::write_random(&cfg, &other, 1, exporter::checkpoint::Stage::Ar).unwrap();
+    let mut o = options(&fx, out.clone());
+    o.checkpoint = Some(other);
+    let e = speed::run(&o).unwrap_err().to_string();
+    assert!(e.contains("differs from --checkpoint"), "{e}");
+    assert!(!out.exists(), "nothing written for a refused run");
+    // An earlier run's results, then a run that fails midway: its fp16 export would replace a folder of
+    // user files.
+    std::fs::create_dir_all(out.join("export-fp16")).unwrap();
+    std::fs::write(out.join("export-fp16/notes.txt"), "mine").unwrap();
+    std::fs::write(out.join("speed.json"), "{}").unwrap();
+    let e = speed::run(&options(&fx, out.clone())).unwrap_err().to_string();
+    assert!(e.contains("holding an export"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("export-fp16/notes.txt")).unwrap(), "mine");
+    for f in speed::RESULT_FILES {
+        assert!(!out.join(f).exists(), "stale {f} left");
+    }
+}

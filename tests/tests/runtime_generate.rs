@@ -51,7 +51,7 @@ fn tamed(seed: u64) -> Fixture {
     scale_tensors(&fx.ckpt, "head.net.final_layer.linear.", 0.3);
     for (out, fp16) in [(&fx.fp32, false), (&fx.fp16, true)] {
         let opts =
-            exporter::ExportOptions { checkpoint: fx.ckpt.clone(), out: out.clone(), fp16, max_batch: 8, force: true };
+            exporter::ExportOptions { fp16, max_batch: 8, force: true, ..exporter::ExportOptions::new(&fx.ckpt, &out) };
         exporter::export(&opts).unwrap();
     }
     fx
@@ -90,6 +90,7 @@ fn trainer_run(m: &ArModel, req: &GenerateRequest, dir: &Path, tag: &str) -> Run
         cfg: req.cfg,
         steps: req.steps,
         seed: req.seed,
+        first_image: req.first_image,
         batch: 4,
         token_limit: None,
     };
@@ -228,9 +229,10 @@ fn bad_requests_and_exports_are_one_line_errors() {
         }
     }
     let text = std::fs::read_to_string(v2.join("manifest.json")).unwrap();
-    std::fs::write(v2.join("manifest.json"), text.replace("\"format_version\": 1", "\"format_version\": 2")).unwrap();
+    // A version-1 export (one shared `position`) is refused with a re-export hint.
+    std::fs::write(v2.join("manifest.json"), text.replace("\"format_version\": 2", "\"format_version\": 1")).unwrap();
     let e = Generator::load(&v2, &opts).err().unwrap().to_string();
-    assert!(e.contains("format version 2"), "{e}");
+    assert!(e.contains("format version 1 is not supported") && e.contains("re-export"), "{e}");
     std::fs::write(bad_graph.join("ar_step.onnx"), b"this is not an onnx protobuf").unwrap();
     let e = Generator::load(&bad_graph, &opts).err().unwrap().to_string();
     assert!(e.contains("ar_step.onnx") && !e.contains('\n'), "{e}");

@@ -4,9 +4,11 @@
 //!   `format = spherear-weights-v1`, `stage`, `config` (the config JSON).
 //! - `train-<stage>.safetensors`: everything needed to resume: weights, optimizer moments
 //!   (`optim.m.<key>`, `optim.v.<key>`), EMA weights (`ema.<key>`) where the stage keeps them, and
-//!   metadata `format = spherear-train-v1`, `stage`, `step`, `total_steps`, `config`.
+//!   metadata `format = spherear-train-v1`, `stage`, `step`, `total_steps`, `config`, and what the run
+//!   was made from (`data_sha256`, `data_limit`, `vae_sha256`: see [`crate::identity`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -147,7 +149,7 @@ pub fn check_stage_config(path: &Path, stage: &str, stored: &ModelConfig, wanted
     Ok(())
 }
 
-/// Writes a resumable training checkpoint of `stage` at `step`.
+/// Writes a resumable training checkpoint of `stage` at `step`; `extra` is added to the metadata.
 pub fn save_train(
     path: &Path,
     stage: &str,
@@ -155,8 +157,9 @@ pub fn save_train(
     total: usize,
     config: &ModelConfig,
     tensors: BTreeMap<String, Tensor>,
+    extra: &HashMap<String, String>,
 ) -> Result<()> {
-    let mut f = TensorFile { tensors, ..Default::default() };
+    let mut f = TensorFile { tensors, metadata: extra.clone() };
     f.metadata.insert("format".into(), TRAIN_FORMAT.into());
     f.metadata.insert("stage".into(), stage.into());
     f.metadata.insert("step".into(), step.to_string());
@@ -177,4 +180,59 @@ pub fn load_train(path: &Path, stage: &str, config: &ModelConfig) -> Result<Opti
     check_stage_config(path, stage, &file.config(path)?, config)?;
     let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
     Ok(Some((step, file)))
+}
+
+/// The string metadata of a safetensors file, read from its header only (no tensor data).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let corrupt = |msg: String| ck_err(path, format!("not a valid safetensors file ({msg})"));
+    let mut f = std::fs::File::open(path).map_err(|e| ck_err(path, format!("cannot read: {e}")))?;
+    let len = f.metadata().map_err(|e| ck_err(path, format!("cannot read: {e}")))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| corrupt(format!("no header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        return Err(corrupt(format!("header length {n} does not fit a {len}-byte file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| corrupt(format!("cannot read the header: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+    let meta = v.get("__metadata__").and_then(|m| m.as_object());
+    Ok(meta
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string()))).collect())
+        .unwrap_or_default())
+}
+
+/// What a training checkpoint says about itself (its header only).
+#[derive(Debug, Clone)]
+pub struct TrainHeader {
+    pub step: usize,
+    /// The run's `--steps` when it was written.
+    pub total_steps: usize,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TrainHeader {
+    /// The model config stored in the metadata.
+    pub fn config(&self, path: &Path) -> Result<ModelConfig> {
+        let text = self.metadata.get("config").ok_or_else(|| ck_err(path, "metadata 'config' missing"))?;
+        ModelConfig::from_json(text).map_err(|e| ck_err(path, e.to_string()))
+    }
+}
+
+/// Reads the header of the training checkpoint of `stage` at `path`, if one exists; errors when it is
+/// not a training checkpoint of that stage.
+pub fn read_train_header(path: &Path, stage: &str) -> Result<Option<TrainHeader>> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(None);
+    }
+    let metadata = read_metadata(path)?;
+    let get = |key: &str| metadata.get(key).ok_or_else(|| ck_err(path, format!("metadata '{key}' missing")));
+    if get("format")? != TRAIN_FORMAT || get("stage")? != stage {
+        return Err(ck_err(path, format!("is not a {stage} training checkpoint")));
+    }
+    let number = |key: &str| -> Result<usize> {
+        get(key)?.parse().map_err(|_| ck_err(path, format!("metadata '{key}' is not a number")))
+    };
+    let (step, total_steps) = (number("step")?, number("total_steps")?);
+    Ok(Some(TrainHeader { step, total_steps, metadata }))
 }

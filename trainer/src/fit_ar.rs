@@ -3,14 +3,19 @@
 //! Latent caching: the frozen encoder runs once over the training set and its posterior parameters
 //! (μ, κ per token) are kept in `<out>/latents.safetensors`; every step draws a fresh Power Spherical
 //! sample from them (scaled to radius R), which is what the official code sees when it encodes each batch
-//! anew (minus flip augmentation, which is not used for Fashion-MNIST). The cache is rebuilt when the VAE
-//! weights or the data change.
+//! anew (minus flip augmentation, which is not used for Fashion-MNIST). The cache is stamped with the
+//! VAE's SHA-256 and the data identity ([`crate::identity`]) and rebuilt when either changes.
+//!
+//! The training checkpoint records the same identities: resuming with another `--vae`, `--data` or
+//! `--limit` is an error (`--force` starts the stage afresh), so the cached latents, the transformer and
+//! the VAE shipped in `ar.safetensors` always belong together.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use spherear_core::data::{self, DataSource, Shuffler, Split};
+use spherear_core::validate::in_range;
 use spherear_core::ModelConfig;
 use tch::{Kind, Tensor};
 
@@ -19,6 +24,7 @@ use crate::checkpoint::{self, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::{self, batch_tensor, VaeModel};
 use crate::fitloop::{self, FitSummary, TrainArgs};
+use crate::identity::{self, DataIdentity, VAE_SHA256};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress;
 use crate::psd::PowerSpherical;
@@ -40,6 +46,21 @@ impl ArFitArgs {
     pub fn new(vae: PathBuf, preset: &str, data: DataSource, out: PathBuf) -> Self {
         ArFitArgs { vae, preset: preset.to_string(), data, out, train: TrainArgs::new(2000), ema_decay: 0.999 }
     }
+
+    /// Checks every value (the messages name the command-line flags).
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        in_range("--ema-decay", self.ema_decay, 0.0, 1.0)?;
+        Ok(())
+    }
+}
+
+/// The AR stage's own files in a run folder (what `--force` removes).
+pub const STAGE_FILES: [&str; 4] = ["train-ar.safetensors", "latents.safetensors", "ar.safetensors", "ar-metrics.json"];
+
+/// The latents cache of a run folder.
+pub fn latents_path(out: &Path) -> PathBuf {
+    out.join("latents.safetensors")
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -73,16 +94,11 @@ impl Latents {
     }
 }
 
-/// Encodes a dataset with the frozen VAE (batches of 200), or reads the cache written for the same
-/// VAE weights and data description.
-pub fn encode_dataset(vae: &VaeModel, vae_file: &Path, args: &ArFitArgs, cache: &Path) -> Result<Latents> {
-    let stamp = {
-        let meta = std::fs::metadata(vae_file).map_err(|e| TrainError::Io(format!("{}: {e}", vae_file.display())))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        format!("{}|{}|{:?}|{:?}|{:?}", vae_file.display(), meta.len(), mtime, args.data, args.train.limit)
-    };
+/// Encodes a dataset with the frozen VAE (batches of 200), or reads the cache when its stamp equals
+/// `stamp` (the VAE's SHA-256 and the data identity).
+pub fn encode_dataset(vae: &VaeModel, stamp: &str, args: &ArFitArgs, cache: &Path) -> Result<Latents> {
     if let Ok(f) = checkpoint::load(cache) {
-        if f.metadata.get("stamp") == Some(&stamp) {
+        if f.metadata.get("stamp").map(String::as_str) == Some(stamp) {
             if let (Some(mu), Some(kappa), Some(labels)) =
                 (f.tensors.get("mu"), f.tensors.get("kappa"), f.tensors.get("labels"))
             {
@@ -110,7 +126,7 @@ pub fn encode_dataset(vae: &VaeModel, vae_file: &Path, args: &ArFitArgs, cache: 
     f.tensors.insert("mu".into(), lat.mu.shallow_clone());
     f.tensors.insert("kappa".into(), lat.kappa.shallow_clone());
     f.tensors.insert("labels".into(), lat.labels.to_kind(Kind::Float));
-    f.metadata.insert("stamp".into(), stamp);
+    f.metadata.insert("stamp".into(), stamp.to_string());
     checkpoint::save(cache, &f)?;
     Ok(lat)
 }
@@ -224,10 +240,30 @@ pub fn train_ckpt_path(out: &Path) -> PathBuf {
     out.join("train-ar.safetensors")
 }
 
+/// The number of classes of the training data, checked against the preset (before any work: an extra
+/// class would be trained as the null class, and more would fail inside libtorch after encoding).
+fn check_class_count(data: &DataSource, config: &ModelConfig) -> Result<()> {
+    let n = data::num_classes(data, Split::Train)?;
+    if n > config.num_classes {
+        return Err(TrainError::Mismatch(format!(
+            "--data {} has {n} classes but preset '{}' has {} (num_classes); use a preset with at least {n} classes",
+            crate::fit_judge::dataset_name(data),
+            config.name,
+            config.num_classes
+        )));
+    }
+    Ok(())
+}
+
 /// Trains (or resumes) the AR stage.
+///
+/// Before any work: the values, the VAE run and the preset, the class count of the data, and the run's
+/// earlier state ([`fitloop::previous_run`]: a finished stage returns at once with `already_finished`
+/// and touches no file; a checkpoint made with another VAE, data or `--limit` is an error). With `force`
+/// the stage's files ([`STAGE_FILES`]) are removed and it starts afresh.
 pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     let ta = &args.train;
-    ta.validate()?;
+    args.validate()?;
     let vae_file = fit_vae::weights_path(&args.vae);
     if !vae_file.exists() {
         return Err(TrainError::Checkpoint {
@@ -250,21 +286,46 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     if cfg_path.exists() {
         checkpoint::check_stage_config(&cfg_path, "vae", &ModelConfig::load(&cfg_path)?, &config)?;
     }
+    check_class_count(&args.data, &config)?;
+    let vae_sha = identity::file_sha256(&vae_file)?;
+    let data_id = DataIdentity::of(&args.data, ta.limit)?;
+    let (ckpt, weights) = (train_ckpt_path(&args.out), crate::ar::weights_path(&args.out));
+    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, "ar")? };
+    let mut changes = Vec::new();
+    if let Some(h) = &header {
+        checkpoint::check_stage_config(&ckpt, "ar", &h.config(&ckpt)?, &config)?;
+        if let Some(old) = h.metadata.get(VAE_SHA256).filter(|old| **old != vae_sha) {
+            changes.push(format!(
+                "the VAE differs ({} has sha256 {}, the run was trained with {})",
+                vae_file.display(),
+                identity::short(&vae_sha),
+                identity::short(old)
+            ));
+        }
+        changes.extend(data_id.changes(&h.metadata));
+    }
+    if let Some(run) = fitloop::previous_run("ar", &ckpt, &weights, header.as_ref(), &changes, ta)? {
+        return Ok(ArFitReport { run, latent_seconds: 0.0 });
+    }
+    if ta.force {
+        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
+    }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
+    let mut meta = HashMap::from([(VAE_SHA256.to_string(), vae_sha.clone())]);
+    data_id.record(&mut meta);
     let t_lat = std::time::Instant::now();
-    let latents = encode_dataset(&vae, &vae_file, args, &args.out.join("latents.safetensors"))?;
+    let stamp = format!("vae sha256 {vae_sha}, {}", data_id.stamp());
+    let latents = encode_dataset(&vae, &stamp, args, &latents_path(&args.out))?;
     let latent_seconds = t_lat.elapsed().as_secs_f64();
 
     tch::manual_seed(ta.seed as i64);
     let mut tr = ArTrainer::new(&config, Some(&vae))?;
-    let ckpt = train_ckpt_path(&args.out);
     let mut start = 0;
     if let Some((step, file)) = checkpoint::load_train(&ckpt, "ar", &config)? {
         tr.restore(&file, step, &ckpt)?;
         start = step;
         eprintln!("resuming AR training from step {start} ({})", ckpt.display());
-        tch::manual_seed(ta.seed as i64 + start as i64);
     }
     let mut shuffler = Shuffler::with_position(latents.len(), ta.seed, (start * ta.batch) as u64);
     let radius = config.radius() as f64;
@@ -288,7 +349,7 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
         },
         |step| {
             let tr = tr_cell.borrow();
-            checkpoint::save_train(&ckpt, "ar", step, ta.steps, &config, tr.train_tensors())
+            checkpoint::save_train(&ckpt, "ar", step, ta.steps, &config, tr.train_tensors(), &meta)
         },
     )?;
     let report = ArFitReport { run: FitSummary::new(start, ta.steps, &outcome), latent_seconds };

@@ -1,14 +1,14 @@
 //! `trainer fit --stage judge`: trains the judge classifier (cross entropy, AdamW) on the same
 //! `[B, 3, S, S]` tensors in [−1, 1] the VAE sees, then scores it on the test split.
 //!
-//! Run folder: `judge-config.json`, `train-judge.safetensors` (resumable: weights + AdamW moments),
-//! `judge.safetensors` (the weights) and `judge-metrics.json` (the loop summary + `test_accuracy`).
+//! Run folder: `judge-config.json`, `train-judge.safetensors` (resumable: weights + AdamW moments, and
+//! the data identity, see [`crate::identity`]), `judge.safetensors` (the weights) and
+//! `judge-metrics.json` (the loop summary + `test_accuracy`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use spherear_core::data::{self, DataSource, Dataset, Shuffler, Split};
 use spherear_core::judge::{
@@ -20,6 +20,7 @@ use crate::checkpoint::{self, TensorFile, TRAIN_FORMAT};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::batch_tensor;
 use crate::fitloop::{self, FitSummary, TrainArgs};
+use crate::identity::DataIdentity;
 use crate::judge::JudgeModel;
 use crate::optim::{AdamW, AdamWConfig};
 
@@ -52,7 +53,19 @@ impl JudgeFitArgs {
         train.lr = DEFAULT_LR;
         JudgeFitArgs { data, out, image_size, train, flip: false, eval_images: None }
     }
+
+    /// Checks every value (the messages name the command-line flags).
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        if let Some(n) = self.eval_images {
+            spherear_core::validate::at_least("--eval-images", n, 1)?;
+        }
+        Ok(())
+    }
 }
+
+/// The judge stage's own files in its run folder (what `--force` removes).
+pub const STAGE_FILES: [&str; 4] = [JUDGE_CONFIG_FILE, JUDGE_TRAIN_FILE, JUDGE_WEIGHTS_FILE, JUDGE_METRICS_FILE];
 
 /// What a finished (or interrupted) run reports; also `judge-metrics.json`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -122,10 +135,17 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
     TrainError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
 }
 
-fn save_train_state(path: &Path, m: &JudgeModel, opt: &AdamW, step: usize, total: usize) -> Result<()> {
+fn save_train_state(
+    path: &Path,
+    m: &JudgeModel,
+    opt: &AdamW,
+    step: usize,
+    total: usize,
+    meta: &HashMap<String, String>,
+) -> Result<()> {
     let mut tensors = m.weights();
     tensors.extend(opt.state());
-    let mut f = TensorFile { tensors, ..Default::default() };
+    let mut f = TensorFile { tensors, metadata: meta.clone() };
     f.metadata.insert("format".into(), TRAIN_FORMAT.into());
     f.metadata.insert("stage".into(), JUDGE_STAGE.into());
     f.metadata.insert("step".into(), step.to_string());
@@ -143,11 +163,13 @@ fn load_train(path: &Path, config: &JudgeConfig) -> Result<Option<(usize, Tensor
     if file.meta(path, "format")? != TRAIN_FORMAT || file.meta(path, "stage")? != JUDGE_STAGE {
         return Err(ck_err(path, "is not a judge training checkpoint"));
     }
-    let stored: JudgeConfig = serde_json::from_str(file.meta(path, "config")?)
-        .map_err(|e| ck_err(path, format!("invalid judge config in the metadata: {e}")))?;
-    check_config(path, &stored, config)?;
+    check_config(path, &stored_config(path, file.meta(path, "config")?)?, config)?;
     let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
     Ok(Some((step, file)))
+}
+
+fn stored_config(path: &Path, json: &str) -> Result<JudgeConfig> {
+    serde_json::from_str(json).map_err(|e| ck_err(path, format!("invalid judge config in the metadata: {e}")))
 }
 
 fn check_config(path: &Path, stored: &JudgeConfig, wanted: &JudgeConfig) -> Result<()> {
@@ -161,31 +183,56 @@ fn check_config(path: &Path, stored: &JudgeConfig, wanted: &JudgeConfig) -> Resu
 }
 
 /// Trains (or resumes) the judge; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
+///
+/// Before any work: the values, the class counts of both splits (listed, not decoded), the judge config
+/// against the run folder, and the run's earlier state ([`fitloop::previous_run`]: a finished stage
+/// returns at once with `already_finished` and touches no file; a checkpoint made from other data is an
+/// error). With `force` the stage's files ([`STAGE_FILES`], its config included) are removed and it
+/// starts afresh.
 pub fn fit_judge(args: &JudgeFitArgs, stop: &AtomicBool) -> Result<JudgeFitReport> {
     let ta = &args.train;
-    ta.validate()?;
-    let train = data::load(&args.data, Split::Train, args.image_size, ta.limit)?;
-    let test = data::load(&args.data, Split::Test, args.image_size, args.eval_images)?;
-    if train.num_classes != test.num_classes {
+    args.validate()?;
+    let classes = data::num_classes(&args.data, Split::Train)?;
+    let test_classes = data::num_classes(&args.data, Split::Test)?;
+    if classes != test_classes {
         return Err(TrainError::Mismatch(format!(
-            "the train split has {} classes but the test split {}",
-            train.num_classes, test.num_classes
+            "the train split has {classes} classes but the test split {test_classes}"
         )));
     }
-    let config = JudgeConfig::default_for(args.image_size, train.num_classes);
+    let config = JudgeConfig::default_for(args.image_size, classes);
     config.validate()?;
     let cfg_path = args.out.join(JUDGE_CONFIG_FILE);
-    if cfg_path.exists() {
+    if cfg_path.exists() && !ta.force {
         check_config(&cfg_path, &JudgeConfig::load(&cfg_path)?, &config)?;
+    }
+    let data_id = DataIdentity::of(&args.data, ta.limit)?;
+    let (ckpt, weights) = (train_ckpt_path(&args.out), weights_path(&args.out));
+    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, JUDGE_STAGE)? };
+    if let Some(h) = &header {
+        let json = h.metadata.get("config").ok_or_else(|| ck_err(&ckpt, "metadata 'config' missing"))?;
+        check_config(&ckpt, &stored_config(&ckpt, json)?, &config)?;
+    }
+    let changes = header.as_ref().map(|h| data_id.changes(&h.metadata)).unwrap_or_default();
+    if let Some(run) = fitloop::previous_run(JUDGE_STAGE, &ckpt, &weights, header.as_ref(), &changes, ta)? {
+        let dataset = dataset_name(&args.data);
+        return Ok(JudgeFitReport { run, test_accuracy: None, test_images: 0, train_images: 0, dataset, config });
+    }
+    let train = data::load(&args.data, Split::Train, args.image_size, ta.limit)?;
+    let test = data::load(&args.data, Split::Test, args.image_size, args.eval_images)?;
+    if ta.force {
+        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
-    config.save(&cfg_path)?;
+    if !cfg_path.exists() {
+        config.save(&cfg_path)?;
+    }
+    let mut meta = HashMap::new();
+    data_id.record(&mut meta);
 
     tch::manual_seed(ta.seed as i64);
     let m = JudgeModel::new(&config)?;
     let mut opt = AdamW::new(&m.vs, |_| true, AdamWConfig::default());
-    let ckpt = train_ckpt_path(&args.out);
     let mut start = 0usize;
     if let Some((step, file)) = load_train(&ckpt, &config)? {
         start = step;
@@ -198,11 +245,9 @@ pub fn fit_judge(args: &JudgeFitArgs, stop: &AtomicBool) -> Result<JudgeFitRepor
         checkpoint::load_into(&m.vs, &weights, "", &format!("checkpoint {}", ckpt.display()))?;
         opt.load_state(&file.tensors, start as i64).map_err(|msg| ck_err(&ckpt, msg))?;
         eprintln!("resuming judge training from step {start} ({})", ckpt.display());
-        tch::manual_seed(ta.seed as i64 + start as i64);
     }
 
     let mut shuffler = Shuffler::with_position(train.len(), ta.seed, (start * ta.batch) as u64);
-    let mut flip_rng = ChaCha8Rng::seed_from_u64(ta.seed ^ 0x5eed ^ start as u64);
     let mut smooth = None::<f64>;
     let opt = std::cell::RefCell::new(opt);
     let outcome = fitloop::run(
@@ -212,14 +257,15 @@ pub fn fit_judge(args: &JudgeFitArgs, stop: &AtomicBool) -> Result<JudgeFitRepor
         stop,
         |step| {
             let idx = shuffler.next_batch(ta.batch);
-            let (x, y) = batch(&train, &idx, args.flip.then_some(&mut flip_rng));
+            let mut flip_rng = args.flip.then(|| fitloop::step_rng(ta.seed, step));
+            let (x, y) = batch(&train, &idx, flip_rng.as_mut());
             let lr = ta.lr_at(step);
             let (loss, acc) = train_step(&m, &mut opt.borrow_mut(), &x, &y, ta.clip, lr);
             let sm = smooth.map_or(acc, |v| 0.95 * v + 0.05 * acc);
             smooth = Some(sm);
             Ok((loss, format!("loss {loss:.4} acc ~{:.1}% lr {lr:.1e}", 100.0 * sm)))
         },
-        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps),
+        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps, &meta),
     )?;
     let mut report = JudgeFitReport {
         run: FitSummary::new(start, ta.steps, &outcome),

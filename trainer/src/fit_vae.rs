@@ -3,20 +3,26 @@
 //! Not included, and why: the paper's perceptual (LPIPS/VGG) loss needs pretrained weights that cannot be
 //! fetched here, so it is left out rather than faked; the PatchGAN adversarial loss is not implemented yet.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use spherear_core::data::{self, DataSource, Dataset, Shuffler, Split};
+use spherear_core::validate::{at_least, non_negative};
 use spherear_core::ModelConfig;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
 use crate::error::{Result, TrainError};
 use crate::fitloop::{self, FitSummary, TrainArgs};
+use crate::identity::DataIdentity;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::vae::Vae;
+
+/// The VAE stage's own files in a run folder (what `--force` removes; `config.json` is shared with the
+/// AR stage and stays).
+pub const STAGE_FILES: [&str; 4] = ["train-vae.safetensors", "vae.safetensors", "vae-metrics.json", "vae-recon.png"];
 
 /// Settings of the VAE stage.
 #[derive(Debug, Clone)]
@@ -42,6 +48,14 @@ impl VaeFitArgs {
             flip: false,
             eval_images: 1000,
         }
+    }
+
+    /// Checks every value (the messages name the command-line flags).
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        non_negative("--kl-weight", self.kl_weight)?;
+        at_least("--eval-images", self.eval_images, 1)?;
+        Ok(())
     }
 }
 
@@ -143,10 +157,17 @@ pub fn weights_path(out: &Path) -> PathBuf {
     out.join("vae.safetensors")
 }
 
-fn save_train_state(path: &Path, m: &VaeModel, opt: &AdamW, step: usize, total: usize) -> Result<()> {
+fn save_train_state(
+    path: &Path,
+    m: &VaeModel,
+    opt: &AdamW,
+    step: usize,
+    total: usize,
+    meta: &HashMap<String, String>,
+) -> Result<()> {
     let mut tensors = checkpoint::named_tensors(&m.vs, "vae.");
     tensors.extend(opt.state());
-    checkpoint::save_train(path, "vae", step, total, &m.config, tensors)
+    checkpoint::save_train(path, "vae", step, total, &m.config, tensors, meta)
 }
 
 /// Resolves the run's config: an existing run folder fixes it (and must match the preset asked for).
@@ -161,20 +182,42 @@ pub fn run_config(out: &Path, preset: &str) -> Result<ModelConfig> {
 }
 
 /// Trains (or resumes) the VAE stage; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
+///
+/// Before any work: the values, the preset against the run folder, the data, and the run's earlier state
+/// ([`fitloop::previous_run`]: a finished stage returns at once with `already_finished` and touches no
+/// file; a checkpoint made from other data is an error). With `force` the stage's files
+/// ([`STAGE_FILES`]) are removed and it starts afresh.
 pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
     let ta = &args.train;
-    ta.validate()?;
+    args.validate()?;
     let config = run_config(&args.out, &args.preset)?;
+    let data_id = DataIdentity::of(&args.data, ta.limit)?;
+    let (ckpt, weights) = (train_ckpt_path(&args.out), weights_path(&args.out));
+    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, "vae")? };
+    if let Some(h) = &header {
+        checkpoint::check_stage_config(&ckpt, "vae", &h.config(&ckpt)?, &config)?;
+    }
+    let changes = header.as_ref().map(|h| data_id.changes(&h.metadata)).unwrap_or_default();
+    if let Some(run) = fitloop::previous_run("vae", &ckpt, &weights, header.as_ref(), &changes, ta)? {
+        return Ok(VaeFitReport { run, psnr_mode_db: None, psnr_sample_db: None });
+    }
     let train = data::load(&args.data, Split::Train, config.image_size, ta.limit)?;
-    let held_out = data::load(&args.data, Split::Test, config.image_size, Some(args.eval_images.max(1)))?;
+    let held_out = data::load(&args.data, Split::Test, config.image_size, Some(args.eval_images))?;
+    if ta.force {
+        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
+    }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
-    config.save(&args.out.join("config.json"))?;
+    let cfg_path = args.out.join("config.json");
+    if !cfg_path.exists() {
+        config.save(&cfg_path)?;
+    }
+    let mut meta = HashMap::new();
+    data_id.record(&mut meta);
 
     tch::manual_seed(ta.seed as i64);
     let m = VaeModel::new(&config);
     let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
-    let ckpt = train_ckpt_path(&args.out);
     let mut start = 0usize;
     if let Some((step, file)) = checkpoint::load_train(&ckpt, "vae", &config)? {
         start = step;
@@ -182,11 +225,9 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
         opt.load_state(&file.tensors, start as i64)
             .map_err(|msg| TrainError::Checkpoint { path: ckpt.display().to_string(), msg })?;
         eprintln!("resuming VAE training from step {start} ({})", ckpt.display());
-        tch::manual_seed(ta.seed as i64 + start as i64);
     }
 
     let mut shuffler = Shuffler::with_position(train.len(), ta.seed, (start * ta.batch) as u64);
-    let mut flip_rng = ChaCha8Rng::seed_from_u64(ta.seed ^ 0x5eed ^ start as u64);
     let mut smooth = None::<f64>;
     let opt = std::cell::RefCell::new(opt);
     let outcome = fitloop::run(
@@ -196,7 +237,8 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
         stop,
         |step| {
             let idx = shuffler.next_batch(ta.batch);
-            let x = batch_tensor(&train, &idx, args.flip.then_some(&mut flip_rng));
+            let mut flip_rng = args.flip.then(|| fitloop::step_rng(ta.seed, step));
+            let x = batch_tensor(&train, &idx, flip_rng.as_mut());
             let lr = ta.lr_at(step);
             let s = train_step(&m, &mut opt.borrow_mut(), &x, args.kl_weight, ta.clip, lr);
             let sm = smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
@@ -204,7 +246,7 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
             let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
             Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
         },
-        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps),
+        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps, &meta),
     )?;
     let interrupted = outcome.interrupted;
     let mut report =
@@ -212,7 +254,9 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
     if interrupted {
         return Ok(report);
     }
-    m.save_weights(&weights_path(&args.out))?;
+    m.save_weights(&weights)?;
+    // The posterior samples of the evaluation do not depend on where the training stopped.
+    tch::manual_seed(ta.seed as i64);
     let (pm, ps) = evaluate(&m, &held_out, &args.out.join("vae-recon.png"))?;
     report.psnr_mode_db = Some(pm);
     report.psnr_sample_db = Some(ps);

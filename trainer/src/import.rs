@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use spherear_core::fsutil;
 use spherear_core::keys::{all_keys, param_count};
 use spherear_core::torch_pickle::{read_torch_checkpoint, TorchCheckpoint};
 use spherear_core::ModelConfig;
@@ -81,13 +82,38 @@ pub fn read_official(
     Ok((tensors, report))
 }
 
-/// Imports into `out` (ar.safetensors + config.json), loadable by `ArModel::load`.
-pub fn import_official(official: &Path, vae: Option<&Path>, preset: &str, out: &Path) -> Result<ImportReport> {
+/// Whether `dir` holds a run: a `config.json` that parses as a model config. Only such a folder is ever
+/// replaced by an import (with `force`).
+pub fn holds_run(dir: &Path) -> bool {
+    ModelConfig::load(&dir.join("config.json")).is_ok()
+}
+
+/// Imports into the run folder `out` (ar.safetensors + config.json), loadable by `ArModel::load`.
+///
+/// `out` is checked before anything is read ([`fsutil::check_folder_output`]): a new or empty folder is
+/// fine; an existing non-empty one only with `force`, only when it holds a run ([`holds_run`]), and
+/// never when it is or contains `official` or `vae`. The folder is written whole
+/// ([`fsutil::write_folder_atomically`]): a failed import leaves nothing behind and an earlier run as it
+/// was; with `force` a successful one replaces the whole folder.
+pub fn import_official(
+    official: &Path,
+    vae: Option<&Path>,
+    preset: &str,
+    out: &Path,
+    force: bool,
+) -> Result<ImportReport> {
     let cfg = ModelConfig::preset(preset)?;
+    let inputs: Vec<&Path> = std::iter::once(official).chain(vae).collect();
+    fsutil::check_folder_output(&fsutil::FolderOutput {
+        out,
+        force,
+        kind: "a run folder",
+        is_ours: &holds_run,
+        inputs: &inputs,
+    })?;
     let (tensors, report) = read_official(official, vae, &cfg)?;
     let model = ArModel::new(&cfg);
     checkpoint::load_into(&model.vs, &tensors, "", &format!("{}", official.display()))?;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io(format!("cannot create {}: {e}", out.display())))?;
-    model.save(out, "import")?;
+    fsutil::write_folder_atomically(out, |staging| model.save(staging, "import"))?;
     Ok(report)
 }

@@ -2,7 +2,7 @@
 //!
 //! Module map: [`layers`] (blocks shared by the VAE and the AR model), [`psd`] (Power Spherical
 //! posterior), [`vae`] (the S-VAE), [`optim`] (AdamW + schedule), [`checkpoint`] (safetensors
-//! checkpoints), [`fit_vae`], [`fit_ar`] and [`fit_judge`] (the training stages, over [`fitloop`]),
+//! checkpoints), [`identity`] (data and VAE fingerprints recorded for resumes), [`fit_vae`], [`fit_ar`] and [`fit_judge`] (the training stages, over [`fitloop`]),
 //! [`ar`] (the AR transformer and diffusion head), [`sample`] (the reference sampler), [`judge`]
 //! (the judge classifier for quality evaluation).
 
@@ -13,6 +13,7 @@ pub mod fit_ar;
 pub mod fit_judge;
 pub mod fit_vae;
 pub mod fitloop;
+pub mod identity;
 pub mod import;
 pub mod judge;
 pub mod layers;

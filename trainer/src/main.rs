@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use spherear_core::data::{parse_source, save_grid_png};
+use spherear_core::validate::{at_least, in_range, non_negative, positive};
+use spherear_core::CoreError;
 use trainer::ar::ArModel;
 use trainer::fit_ar::{fit_ar, ArFitArgs};
 use trainer::fit_judge::{fit_judge, JudgeFitArgs};
@@ -17,7 +19,7 @@ use trainer::sample::{decode_timed, sample_tokens_with_stats, SampleRequest};
 #[derive(Parser)]
 #[command(name = "trainer", version, about = "Train, sample and import SphereAR models with libtorch.")]
 struct Cli {
-    /// CPU threads for libtorch (default: all cores).
+    /// CPU threads for libtorch, ≥ 1 (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -92,9 +94,39 @@ struct FitArgs {
     /// scored for accuracy (default: the whole test split).
     #[arg(long)]
     eval_images: Option<usize>,
+    /// Train at most N steps in this invocation, then write a checkpoint and stop exactly as Ctrl-C does
+    /// (exit code 130); rerunning the command continues, bit-identically to a run that never stopped (with
+    /// the same --threads). A way to time-box a session.
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
+    /// Start this stage afresh: remove its own files from --out (train-<stage>.safetensors, its final
+    /// weights and metrics; vae: vae-recon.png; ar: latents.safetensors; judge: judge-config.json), then
+    /// train from step 0. Needed to retrain a finished stage, or to resume a stage with another --data,
+    /// --limit or --vae. config.json and the other stages' files stay.
+    #[arg(long)]
+    force: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+impl FitArgs {
+    /// Checks every numeric flag before any work (one line naming the flag).
+    fn validate(&self) -> Result<(), CoreError> {
+        let count = |flag: &str, v: Option<usize>| v.map_or(Ok(()), |v| at_least(flag, v, 1));
+        count("--steps", self.steps)?;
+        count("--batch", self.batch)?;
+        count("--limit", self.limit)?;
+        count("--eval-images", self.eval_images)?;
+        count("--stop-after", self.stop_after)?;
+        if let Some(lr) = self.lr {
+            positive("--lr", lr)?;
+        }
+        non_negative("--kl-weight", self.kl_weight)?;
+        in_range("--ema-decay", self.ema_decay, 0.0, 1.0)?;
+        positive("--clip", self.clip)?;
+        at_least("--ckpt-every", self.ckpt_every, 1)
+    }
 }
 
 #[derive(Args)]
@@ -140,8 +172,10 @@ struct SampleArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train a stage. Rerunning the same command resumes from the last checkpoint in --out;
-    /// Ctrl-C writes a checkpoint before exiting.
+    /// Train a stage. Rerunning the same command resumes from the last checkpoint in --out (exactly:
+    /// the result equals an uninterrupted run); Ctrl-C writes a checkpoint before exiting (code 130); a
+    /// finished stage is left as it is (--force retrains it). Resuming with another --data, --limit or
+    /// --vae is refused.
     Fit(Box<FitArgs>),
     /// Sample a class-conditional PNG grid with the reference (libtorch) sampler.
     Sample(SampleArgs),
@@ -161,9 +195,14 @@ struct ImportArgs {
     /// Preset whose layout the checkpoint must match (spherear-b|l|h, or a small preset).
     #[arg(long)]
     preset: String,
-    /// Output run folder (ar.safetensors + config.json).
+    /// Output run folder (ar.safetensors + config.json), written whole or not at all. An existing
+    /// non-empty folder is refused unless --force.
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out that holds a run (a config.json of a model config): the whole folder is
+    /// replaced once the import succeeded. Never replaces a folder that is or contains --official/--vae.
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
@@ -175,6 +214,18 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        at_least("--threads", t, 1)?;
+    }
+    match &cli.cmd {
+        Cmd::Fit(f) => f.validate()?,
+        Cmd::Sample(s) => {
+            if let Some(n) = s.token_limit {
+                at_least("--token-limit", n, 1)?;
+            }
+        }
+        Cmd::Import(_) => {}
+    }
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     tch::set_num_threads(threads as i32);
     let stop = Arc::new(AtomicBool::new(false));
@@ -196,7 +247,7 @@ fn run() -> Result<()> {
         },
         Cmd::Sample(s) => sample_cmd(&s),
         Cmd::Import(i) => {
-            let r = trainer::import::import_official(&i.official, i.vae.as_deref(), &i.preset, &i.out)
+            let r = trainer::import::import_official(&i.official, i.vae.as_deref(), &i.preset, &i.out, i.force)
                 .with_context(|| format!("importing {}", i.official.display()))?;
             println!(
                 "imported {} tensors ({} parameters) from the '{}' state dict into {}{}",
@@ -211,11 +262,6 @@ fn run() -> Result<()> {
     }
 }
 
-fn interrupted(step: usize, total: usize) -> ! {
-    eprintln!("stopped at step {step}/{total}; rerun the same command to resume");
-    std::process::exit(130);
-}
-
 fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
     TrainArgs {
         steps: f.steps.unwrap_or(default_steps),
@@ -228,6 +274,8 @@ fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
         seed: f.seed,
         limit: f.limit,
         progress: !f.quiet,
+        stop_after: f.stop_after,
+        force: f.force,
     }
 }
 
@@ -238,7 +286,9 @@ fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.flip = f.flip;
     a.eval_images = f.eval_images.unwrap_or(1000);
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
-    print_summary("vae", &r.run, "");
+    if !print_summary("vae", &r.run, f, stop, "") {
+        return Ok(());
+    }
     match (r.psnr_mode_db, r.psnr_sample_db) {
         (Some(m), Some(s)) => println!(
             "held-out PSNR: {m:.2} dB (posterior mode), {s:.2} dB (posterior sample); grid {}",
@@ -257,7 +307,7 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
     let extra =
         format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
-    print_summary("ar", &r.run, &extra);
+    print_summary("ar", &r.run, f, stop, &extra);
     Ok(())
 }
 
@@ -270,7 +320,9 @@ fn fit_judge_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     a.flip = f.flip;
     a.eval_images = f.eval_images;
     let r = fit_judge(&a, stop).with_context(|| format!("training the judge into {}", f.out.display()))?;
-    print_summary("judge", &r.run, "");
+    if !print_summary("judge", &r.run, f, stop, "") {
+        return Ok(());
+    }
     match r.test_accuracy {
         Some(acc) => println!(
             "judge test accuracy: {:.2}% on {} test images; weights {}",
@@ -283,10 +335,25 @@ fn fit_judge_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-/// Exits 130 for an interrupted run; prints the one-line summary otherwise.
-fn print_summary(stage: &str, r: &FitSummary, extra: &str) {
+/// Exits 130 for an interrupted run (Ctrl-C or --stop-after); prints one line saying so for a stage
+/// that had finished before (returns false: nothing more to report); prints the one-line summary
+/// otherwise (returns true).
+fn print_summary(stage: &str, r: &FitSummary, f: &FitArgs, stop: &AtomicBool, extra: &str) -> bool {
     if r.interrupted {
-        interrupted(r.steps_done, r.total_steps);
+        let why = match f.stop_after {
+            Some(n) if !stop.load(Ordering::SeqCst) => format!(" (--stop-after {n})"),
+            _ => String::new(),
+        };
+        eprintln!("stopped at step {}/{}{why}; rerun the same command to resume", r.steps_done, r.total_steps);
+        std::process::exit(130);
+    }
+    if r.already_finished {
+        println!(
+            "{stage} stage already finished ({}/{} steps); its files are left as they are — use a new --out or \
+             --force to retrain",
+            r.steps_done, r.total_steps
+        );
+        return false;
     }
     println!(
         "{stage}: steps {}/{} (resumed from {}), {:.0} s, loss {:.4} -> {:.4}{extra}",
@@ -297,6 +364,7 @@ fn print_summary(stage: &str, r: &FitSummary, extra: &str) {
         r.first_loss.unwrap_or(f64::NAN),
         r.last_loss.unwrap_or(f64::NAN)
     );
+    true
 }
 
 fn sample_cmd(s: &SampleArgs) -> Result<()> {
@@ -306,6 +374,15 @@ fn sample_cmd(s: &SampleArgs) -> Result<()> {
     let mut req = SampleRequest::grid(&rows, s.per_class, s.cfg, s.steps, s.seed, s.batch)?;
     req.token_limit = s.token_limit;
     req.validate(m.config.num_classes)?;
+    // Outputs are checked before any work: a target that is not a regular file, or a folder that cannot be
+    // written, fails now rather than after the sampling.
+    let outs: Vec<&PathBuf> = [&s.out, &s.tokens_out, &s.timing_json].into_iter().flatten().collect();
+    for (i, p) in outs.iter().enumerate() {
+        if outs[..i].contains(p) {
+            bail!("{} is given for two outputs; give each output its own file", p.display());
+        }
+        spherear_core::fsutil::check_file_output(p)?;
+    }
     if s.token_limit.is_some() {
         // Benchmark mode: one untimed 2-token pass first (allocator and thread-pool warm-up), as the
         // benchmarks do for the runtime.

@@ -106,7 +106,7 @@ fn sample_batch(
     let rows = ids.size()[0] as usize;
     stats.max_ar_rows = stats.max_ar_rows.max(rows);
     let mut cache = KvCache::new(cfg, rows);
-    let mut noise = BatchNoise::new(req.seed, first as u64, b);
+    let mut noise = BatchNoise::new(req.seed, req.first_image + first as u64, b);
     let mut tokens = vec![0f32; b * l * d];
     let mut prev: Vec<f32> = Vec::new();
     tch::no_grad(|| -> Result<()> {

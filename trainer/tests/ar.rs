@@ -90,7 +90,7 @@ fn kv_cache_steps_match_the_full_causal_forward() {
 }
 
 fn request(classes: &[i64], cfg: f32, steps: usize, seed: u64, batch: usize) -> SampleRequest {
-    SampleRequest { classes: classes.to_vec(), cfg, steps, seed, batch, token_limit: None }
+    SampleRequest { classes: classes.to_vec(), cfg, steps, seed, first_image: 0, batch, token_limit: None }
 }
 
 #[test]

@@ -95,3 +95,106 @@ fn renamed_or_reshaped_keys_are_named_in_the_error() {
     let e = import_error("tiny-evil.pt", "tiny");
     assert!(e.contains("refusing to load") && e.contains("system"), "{e}");
 }
+
+fn import(official: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["import", "--official"])
+        .arg(official)
+        .args(["--preset", "tiny", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = if e.path().is_file() { std::fs::read(e.path()).unwrap() } else { Vec::new() };
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn failed_one_line(o: &std::process::Output, needle: &str) {
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{se}");
+    assert!(se.contains(needle) && se.trim().lines().count() == 1, "{se}");
+}
+
+#[test]
+fn import_replaces_an_existing_run_only_with_force_and_never_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    // An earlier run made with another preset.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    ModelConfig::preset("fmnist-32").unwrap().save(&run.join("config.json")).unwrap();
+    std::fs::write(run.join("ar.safetensors"), b"earlier weights").unwrap();
+    std::fs::write(run.join("train-ar.safetensors"), b"earlier checkpoint").unwrap();
+    let before = files(&run);
+
+    failed_one_line(&import(&fixture("tiny-official.pt"), &run, &[]), "pass --force");
+    assert_eq!(files(&run), before);
+    // A failed import with --force leaves the run as it was, and no staging folder.
+    failed_one_line(&import(&fixture("tiny-renamed.pt"), &run, &["--force"]), "missing head.net.cond_embed.weight");
+    assert_eq!(files(&run), before);
+    assert_eq!(files(dir.path()).len(), 1, "{:?}", files(dir.path()).iter().map(|f| &f.0).collect::<Vec<_>>());
+    // --force replaces the run folder whole.
+    let o = import(&fixture("tiny-official.pt"), &run, &["--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names: Vec<String> = files(&run).into_iter().map(|f| f.0).collect();
+    assert_eq!(names, ["ar.safetensors", "config.json"]);
+    assert_eq!(ArModel::load(&run).unwrap().config, ModelConfig::preset("tiny").unwrap());
+    assert_eq!(files(dir.path()).len(), 1, "no staging folder left");
+
+    // A folder that does not hold a run is never replaced.
+    let user = dir.path().join("user");
+    std::fs::create_dir(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), b"mine").unwrap();
+    failed_one_line(&import(&fixture("tiny-official.pt"), &user, &["--force"]), "remove or rename it yourself");
+    assert_eq!(std::fs::read(user.join("notes.txt")).unwrap(), b"mine");
+    // Nor one that holds the checkpoint being imported.
+    let inside = dir.path().join("inside");
+    std::fs::create_dir(&inside).unwrap();
+    ModelConfig::preset("tiny").unwrap().save(&inside.join("config.json")).unwrap();
+    std::fs::copy(fixture("tiny-official.pt"), inside.join("official.pt")).unwrap();
+    failed_one_line(&import(&inside.join("official.pt"), &inside, &["--force"]), "contains this command's input");
+    assert!(inside.join("official.pt").is_file() && !inside.join("ar.safetensors").exists());
+}
+
+/// `trainer sample` checks its outputs before sampling: an unwritable folder, a symlink, or one file given
+/// for two outputs fail at once with one line, and nothing is written or replaced.
+#[test]
+fn sample_outputs_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    assert!(import(&fixture("tiny-official.pt"), &run, &[]).status.success());
+    let sample = |out: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["--threads", "1", "sample", "--checkpoint"])
+            .arg(&run)
+            .args(["--classes", "1", "--steps", "1", "--quiet", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    failed_one_line(&sample(std::path::Path::new("/proc/spherear-grid.png"), &[]), "not writable");
+    let g = dir.path().join("g.png");
+    failed_one_line(&sample(&g, &["--tokens-out", g.to_str().unwrap()]), "two outputs");
+    let target = dir.path().join("precious.txt");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link.png");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    failed_one_line(&sample(&link, &[]), "symbolic link");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(!g.exists());
+    // And a good request writes its grid.
+    assert!(sample(&g, &[]).status.success());
+    assert!(g.is_file());
+}

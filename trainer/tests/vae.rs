@@ -180,9 +180,10 @@ fn killed_run_resumes_at_its_saved_step() {
     assert!(so.contains(&format!("steps {total}/{total} (resumed from {saved})")), "{so}");
     assert_eq!(ckpt_step(&out), Some(total));
     assert!(out.join("vae.safetensors").exists() && out.join("vae-recon.png").exists());
-    // A finished run rerun does no more steps.
+    // A finished run rerun does no more steps and says so.
     let o = trainer().args(fit_args(&data, &out, total)).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("steps {total}/{total} (resumed from {total})")));
+    let so = String::from_utf8_lossy(&o.stdout);
+    assert!(so.contains(&format!("vae stage already finished ({total}/{total} steps)")), "{so}");
 }
 
 #[test]

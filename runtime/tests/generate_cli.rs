@@ -1,0 +1,162 @@
+//! `runtime generate` on real (random `tiny`) exports: streaming piece by piece equals one whole request,
+//! Ctrl-C keeps the finished images and leaves no staging file, and a model that produces NaN/Inf stops
+//! with an error naming the graph and the token instead of writing a black PNG.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exporter::checkpoint::{write_random, Stage};
+use exporter::{export, ExportOptions};
+use runtime::output::{read_tokens, write_outputs};
+use runtime::{GenerateRequest, Generator, GeneratorOptions, OutputOptions};
+use spherear_core::ModelConfig;
+
+fn tiny_export(dir: &Path, edit: impl FnOnce(&Path)) -> PathBuf {
+    let ck = dir.join("ck");
+    write_random(&ModelConfig::preset("tiny").unwrap(), &ck, 3, Stage::Ar).unwrap();
+    edit(&ck.join("ar.safetensors"));
+    let out = dir.join("export");
+    export(&ExportOptions { max_batch: 16, ..ExportOptions::new(ck, &out) }).unwrap();
+    out
+}
+
+/// Overwrites every value of tensor `key` of a safetensors file with `value`.
+fn set_tensor(path: &Path, key: &str, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let (start, len) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data = st.tensor(key).unwrap().data();
+        (data.as_ptr() as usize - bytes.as_ptr() as usize, data.len())
+    };
+    for c in bytes[start..start + len].chunks_exact_mut(4) {
+        c.copy_from_slice(&value.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn runtime() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_runtime"))
+}
+
+fn pngs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.retain(|n| n.ends_with(".png"));
+    v.sort();
+    v
+}
+
+#[test]
+fn streamed_pieces_equal_one_whole_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = tiny_export(d, |_| {});
+    let (grid, tokens) = (d.join("cli.png"), d.join("cli.safetensors"));
+    let out = runtime()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--classes", "2,0,3", "--per-class", "3", "--cfg", "2.5", "--steps", "2", "--seed", "5"])
+        .args(["--batch", "4", "--threads", "2", "--quiet", "--out"])
+        .arg(&grid)
+        .arg("--tokens-out")
+        .arg(&tokens)
+        .arg("--out-dir")
+        .arg(d.join("each"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same request in one library call (batches of 4 as well): identical bits.
+    let g = Generator::load(&model, &GeneratorOptions { threads: Some(2), ..Default::default() }).unwrap();
+    let req = GenerateRequest::grid(&[2, 0, 3], 3, 2.5, 2, 5, 4).unwrap();
+    let (whole, _) = g.generate_tokens(&req, |_| {}).unwrap();
+    assert_eq!(read_tokens(&tokens).unwrap(), whole);
+    let images = g.decode(&whole, 4).unwrap();
+    let opts = OutputOptions { grid: Some(d.join("lib.png")), cols: 3, ..Default::default() };
+    write_outputs(&opts, &req.classes, &whole, &images, 16).unwrap();
+    assert_eq!(std::fs::read(&grid).unwrap(), std::fs::read(d.join("lib.png")).unwrap());
+    assert_eq!(pngs(&d.join("each")).len(), 9);
+    assert_eq!(pngs(&d.join("each"))[8], "0008-class3.png");
+}
+
+#[test]
+fn ctrl_c_keeps_finished_images_and_leaves_no_staging_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = tiny_export(d, |_| {});
+    let each = d.join("each");
+    let mut child = runtime()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--per-class", "5000", "--steps", "2", "--batch", "2", "--threads", "1", "--quiet"])
+        .arg("--out-dir")
+        .arg(&each)
+        .arg("--out")
+        .arg(d.join("grid.png"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while pngs(&each).len() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no image appeared");
+        assert!(child.try_wait().unwrap().is_none(), "generate ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let written = pngs(&each).len();
+    assert!(err.contains(&format!("interrupted: wrote {written} of 20000 images")), "{written}: {err}");
+    assert!(written < 20000);
+    let staging: Vec<_> = std::fs::read_dir(&each)
+        .unwrap()
+        .chain(std::fs::read_dir(d).unwrap())
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+    assert!(!d.join("grid.png").exists(), "an interrupted run writes no grid");
+    // Every image that was written is complete.
+    for name in pngs(&each) {
+        assert_eq!(image::open(each.join(&name)).unwrap().width(), 16, "{name}");
+    }
+}
+
+#[test]
+fn non_finite_model_output_stops_with_the_graph_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Finite weights (the exporter refuses NaN/Inf) so large that the head's velocity overflows.
+    let model = tiny_export(d, |p| set_tensor(p, "head.net.final_layer.linear.weight", 3e38));
+    let grid = d.join("grid.png");
+    let out = runtime()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--classes", "1", "--steps", "2", "--quiet", "--out"])
+        .arg(&grid)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("head_step produced non-finite values (velocity) at token 0 of images 0..1"), "{err}");
+    assert!(!grid.exists());
+    // Corrupt AR weights: the transformer's condition is caught at the prefill.
+    let d2 = d.join("ar");
+    std::fs::create_dir(&d2).unwrap();
+    let model = tiny_export(&d2, |p| set_tensor(p, "layers.0.attention.wo.weight", 3e38));
+    let out = runtime()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--classes", "1,2", "--steps", "2", "--quiet", "--out"])
+        .arg(&grid)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ar_prefill produced non-finite values (condition) at token 0"), "{err}");
+    assert!(!grid.exists());
+}
