@@ -24,8 +24,14 @@ enum Cmd {
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
 enum PrecisionArg {
+    /// The fp32 export.
     Fp32,
+    /// The fp16 export (no native fp16 arithmetic on most CPUs: for GPUs).
     Fp16,
+    /// Weight-only int8 (`calibration quantize --weights int8`, block 128, accuracy level 4).
+    W8,
+    /// Weight-only int4 (`calibration quantize --weights int4`, block 32, accuracy level 4).
+    W4,
 }
 
 #[derive(Args)]
@@ -43,7 +49,8 @@ struct SpeedArgs {
     /// Comma-separated head steps per token.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     steps: Vec<usize>,
-    /// Comma-separated precisions of the runtime graphs.
+    /// Comma-separated precisions of the runtime graphs; each one without a --model export is made from
+    /// --checkpoint (w8/w4 by quantizing the fp32 export). Roofline bytes are each export's real bytes.
     #[arg(long, value_delimiter = ',', value_enum, default_value = "fp32,fp16")]
     precision: Vec<PrecisionArg>,
     /// Classifier-free guidance scale (> 1 doubles the rows, as in real sampling).
@@ -88,6 +95,8 @@ fn speed_cmd(a: &SpeedArgs) -> anyhow::Result<()> {
             .map(|p| match p {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Fp16 => Precision::Fp16,
+                PrecisionArg::W8 => Precision::W8,
+                PrecisionArg::W4 => Precision::W4,
             })
             .collect(),
         cfg: a.cfg,

@@ -13,7 +13,8 @@ use std::process::Command;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use spherear_core::cost::{datasheet_gpus, Bound, Machine, ModelCost, Setting};
-use spherear_core::manifest::{Manifest, TensorDType};
+use calibration::quantize::{QuantizeOptions, WeightBits};
+use spherear_core::manifest::{Manifest, PrecisionKind};
 use spherear_core::timing::{peak_rss_bytes, reset_peak_rss, Timing};
 use spherear_core::ModelConfig;
 
@@ -46,32 +47,22 @@ pub struct SpeedOptions {
     pub progress: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    Fp32,
-    Fp16,
+/// A precision of the runtime graphs: the export's (`ar_step`'s) [`PrecisionKind`]: fp32 and fp16 exports,
+/// weight-only int8/int4 (`calibration quantize`).
+pub type Precision = PrecisionKind;
+
+/// Bytes per element of the KV cache (and of the weights where an export does not count them).
+fn kv_bytes(p: Precision) -> usize {
+    if p == Precision::Fp16 {
+        2
+    } else {
+        4
+    }
 }
 
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-        }
-    }
-    fn dtype(self) -> TensorDType {
-        match self {
-            Precision::Fp32 => TensorDType::Float32,
-            Precision::Fp16 => TensorDType::Float16,
-        }
-    }
-    fn bytes(self) -> usize {
-        match self {
-            Precision::Fp32 => 4,
-            Precision::Fp16 => 2,
-        }
-    }
+/// The precision an export runs at: its `ar_step`'s.
+fn precision_of(m: &Manifest) -> Option<Precision> {
+    m.graph_precision("ar_step").map(|g| g.kind)
 }
 
 /// One timed sampler on one setting.
@@ -192,7 +183,8 @@ fn check_inputs_match(o: &SpeedOptions) -> Res<ModelConfig> {
     Ok(cfg)
 }
 
-/// Finds (or makes) an export of each precision.
+/// Finds (or makes) an export of each precision: fp32/fp16 exported from `--checkpoint`, w8/w4 quantized
+/// (`calibration quantize`, default block size and accuracy level 4) from the fp32 export.
 fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
     let mut have = Vec::new();
     for m in &o.models {
@@ -200,33 +192,50 @@ fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
         have.push((m.clone(), man));
     }
     let max_batch = o.batch_sizes.iter().max().copied().unwrap_or(1) * 2;
-    let mut out = Vec::new();
-    for &p in &o.precisions {
-        if let Some((dir, man)) = have.iter().find(|(_, m)| m.precision.compute == p.dtype()) {
+    let mut out: Vec<(Precision, PathBuf, Manifest)> = Vec::new();
+    // fp32 first: the quantized precisions are made from it.
+    let mut wanted = o.precisions.clone();
+    if wanted.iter().any(|p| p.weight_bits().is_some()) && !wanted.contains(&Precision::Fp32) {
+        wanted.insert(0, Precision::Fp32);
+    }
+    wanted.sort_by_key(|p| p.weight_bits().is_some());
+    for p in wanted {
+        if let Some((dir, man)) = have.iter().find(|(_, m)| precision_of(m) == Some(p)) {
             out.push((p, dir.clone(), man.clone()));
             continue;
         }
-        let ckpt = o.checkpoint.as_ref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "no {} export among --model and no --checkpoint to export one from; pass --model DIR of an \
-                 `exporter onnx{}` folder or --checkpoint RUN",
-                p.name(),
-                if p == Precision::Fp16 { " --fp16" } else { "" }
-            )
-        })?;
         let dir = o.out.join(format!("export-{}", p.name()));
         // Always a fresh export: a folder left by an earlier run may come from another checkpoint or exporter.
-        eprintln!("exporting {} ({}) to {}", ckpt.display(), p.name(), dir.display());
-        let opts = exporter::ExportOptions {
-            fp16: p == Precision::Fp16,
-            max_batch: max_batch.max(64),
-            force: true,
-            ..exporter::ExportOptions::new(ckpt, &dir)
-        };
-        exporter::export(&opts)?;
+        if let Some(bits) = p.weight_bits() {
+            let Some((_, src, _)) = out.iter().find(|(q, _, _)| *q == Precision::Fp32) else {
+                anyhow::bail!("no fp32 export to quantize to {p}");
+            };
+            eprintln!("quantizing {} to {} ({})", src.display(), dir.display(), p.name());
+            let w = if bits == 8 { WeightBits::Int8 } else { WeightBits::Int4 };
+            let q = QuantizeOptions { force: true, ..QuantizeOptions::new(src, &dir, w) };
+            calibration::quantize::quantize_export(&q, &mut |_, _| {})?;
+        } else {
+            let ckpt = o.checkpoint.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no {} export among --model and no --checkpoint to export one from; pass --model DIR of an \
+                     `exporter onnx{}` folder or --checkpoint RUN",
+                    p.name(),
+                    if p == Precision::Fp16 { " --fp16" } else { "" }
+                )
+            })?;
+            eprintln!("exporting {} ({}) to {}", ckpt.display(), p.name(), dir.display());
+            let opts = exporter::ExportOptions {
+                fp16: p == Precision::Fp16,
+                max_batch: max_batch.max(64),
+                force: true,
+                ..exporter::ExportOptions::new(ckpt, &dir)
+            };
+            exporter::export(&opts)?;
+        }
         let man = Manifest::load(&dir)?;
         out.push((p, dir, man));
     }
+    out.retain(|(p, _, _)| o.precisions.contains(p));
     let cfgs: Vec<&ModelConfig> = out.iter().map(|(_, _, m)| &m.config).collect();
     if cfgs.windows(2).any(|w| w[0] != w[1]) {
         anyhow::bail!("the exports given for different precisions have different model configs");
@@ -424,7 +433,8 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
                     Some(Err(e)) => (None, Some(e)),
                     None => (None, reference_note.clone()),
                 };
-                let setting = Setting { batch, steps, cfg: doubled, bytes_per_elem: p.bytes() };
+                let setting = Setting { batch, steps, cfg: doubled, bytes_per_elem: kv_bytes(*p) };
+                let cost = cost.with_export_bytes(man);
                 let img = cost.per_image(&setting);
                 let bound = cost.bound(&setting, &here(*p));
                 let full = rt.timing.full_batch();
@@ -458,11 +468,12 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
     bar.finish_and_clear();
 
     let mut projections = Vec::new();
-    for &p in &o.precisions {
+    // GPU projections for the unquantized precisions (MatMulNBits is a CPU/CUDA kernel of its own).
+    for &p in o.precisions.iter().filter(|p| p.weight_bits().is_none()) {
         for gpu in datasheet_gpus(p == Precision::Fp16) {
             for &steps in &o.steps {
                 for &batch in &o.batch_sizes {
-                    let s = Setting { batch, steps, cfg: doubled, bytes_per_elem: p.bytes() };
+                    let s = Setting { batch, steps, cfg: doubled, bytes_per_elem: kv_bytes(p) };
                     projections.push(Projection {
                         gpu: gpu.name.clone(),
                         precision: p,
@@ -525,7 +536,13 @@ fn targets(rows: &[SpeedRow]) -> Vec<TargetCheck> {
         .filter(|r| r.precision == Precision::Fp32 && r.steps == 10 && r.batch >= 16)
         .map(|r| r.pct_flops)
         .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
-    add("% of FLOP roofline, fp32 batch >= 16, 10 steps (best)", big, 50.0);
+    add("% of FLOP roofline, fp32 batch >= 16, 10 steps (best)", big, 70.0);
+    let ratio = |p: Precision| {
+        let at1 = |q: Precision| rows.iter().find(|r| r.precision == q && r.steps == 10 && r.batch == 1);
+        Some(at1(p)?.runtime.images_per_second / at1(Precision::Fp32)?.runtime.images_per_second)
+    };
+    add("w8 / fp32 images/s, batch 1, 10 steps (x)", ratio(Precision::W8), 1.5);
+    add("w4 / fp32 images/s, batch 1, 10 steps (x)", ratio(Precision::W4), 2.0);
     t
 }
 

@@ -33,14 +33,19 @@ pub struct CallCost {
     pub flops_per_row: f64,
     /// Parameters the call reads (once per call, whatever the batch).
     pub weight_params: f64,
+    /// The weight bytes a call reads as an export stores them (quantized blocks and scales included), when
+    /// known; otherwise `weight_params × bytes_per_elem`.
+    #[serde(default)]
+    pub weight_bytes: Option<f64>,
     /// KV-cache elements read per row (AR step), 0 otherwise.
     pub kv_elems_per_row: f64,
 }
 
 impl CallCost {
-    /// Bytes moved by one call over `rows` rows with `bytes_per_elem`-byte weights and cache.
+    /// Bytes moved by one call over `rows` rows with a `bytes_per_elem`-byte cache (and weights, unless
+    /// their stored size is known).
     pub fn bytes(&self, rows: f64, bytes_per_elem: f64) -> f64 {
-        (self.weight_params + self.kv_elems_per_row * rows) * bytes_per_elem
+        self.weight_bytes.unwrap_or(self.weight_params * bytes_per_elem) + self.kv_elems_per_row * rows * bytes_per_elem
     }
     pub fn flops(&self, rows: f64) -> f64 {
         self.flops_per_row * rows
@@ -165,6 +170,7 @@ impl ModelCost {
             flops_per_row: cls as f64 * a.n_layer as f64 * block_flops(dim, prefill_ctx),
             // The transformer plus one class-embedding row (dim × cls) per class looked up.
             weight_params: layers + (dim * cls) as f64,
+            weight_bytes: None,
             kv_elems_per_row: 0.0,
         };
         // A step at sequence position p = cls + i − 1 (i = 1..L−1) attends to p + 1 = cls + i keys:
@@ -173,17 +179,44 @@ impl ModelCost {
         let ar_step = CallCost {
             flops_per_row: 2.0 * (cfg.latent_dim * dim) as f64 + a.n_layer as f64 * block_flops(dim, ctx),
             weight_params: layers + count(&|n| n.starts_with("proj_in")) + count(&|n| n == "emb_norm.weight"),
+            weight_bytes: None,
             kv_elems_per_row: 2.0 * a.n_layer as f64 * ctx * dim as f64,
         };
-        let head = CallCost { flops_per_row: head_flops(cfg), weight_params: head_params, kv_elems_per_row: 0.0 };
+        let head = CallCost {
+            flops_per_row: head_flops(cfg),
+            weight_params: head_params,
+            weight_bytes: None,
+            kv_elems_per_row: 0.0,
+        };
         let dec_params = vae_keys(cfg)
             .iter()
             .filter(|k| k.name.starts_with("vae.decoder.") || k.name == "vae.post_quant_proj.weight")
             .filter(|k| !k.name.ends_with("freqs_cis"))
             .map(|k| k.shape.iter().product::<usize>())
             .sum::<usize>() as f64;
-        let decoder = CallCost { flops_per_row: decoder_flops(cfg), weight_params: dec_params, kv_elems_per_row: 0.0 };
+        let decoder = CallCost {
+            flops_per_row: decoder_flops(cfg),
+            weight_params: dec_params,
+            weight_bytes: None,
+            kv_elems_per_row: 0.0,
+        };
         ModelCost { prefill, ar_step, head, decoder, num_tokens: l }
+    }
+
+    /// The same model with the weight bytes each graph of an export really reads per call
+    /// (`manifest.json`'s per-graph `weight_bytes`: quantized blocks and scales, constants), where the
+    /// manifest records them. The cost of looked-up rows stays the model's estimate.
+    pub fn with_export_bytes(mut self, m: &crate::manifest::Manifest) -> Self {
+        let bytes = |g: &str| m.graph_precision(g).and_then(|p| p.weight_bytes).map(|b| b as f64);
+        for (call, g) in [
+            (&mut self.prefill, "ar_prefill"),
+            (&mut self.ar_step, "ar_step"),
+            (&mut self.head, "head_step"),
+            (&mut self.decoder, "decoder"),
+        ] {
+            call.weight_bytes = bytes(g);
+        }
+        self
     }
 
     /// (call, calls per batch, rows per call) of a setting; per batch of `s.batch` images.

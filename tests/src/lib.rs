@@ -100,3 +100,30 @@ pub fn run_graph(export: &Path, graph: &str, inputs: &[(&str, &Tensor)], output:
     let _ = std::fs::remove_file(out);
     t
 }
+
+/// Scales every tensor whose name starts with `prefix` in `ckpt/ar.safetensors` (metadata kept): e.g. a
+/// tamed head, so that sampling a random model is smooth rather than chaotic.
+pub fn scale_tensors(ckpt: &Path, prefix: &str, s: f32) {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let p = ckpt.join("ar.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), Dtype::F32);
+        let mut data = t.data().to_vec();
+        if name.starts_with(prefix) {
+            for c in data.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * s;
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        bufs.push((name, t.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView)> =
+        bufs.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    let meta = meta.metadata().clone();
+    drop(st);
+    safetensors::serialize_to_file(views, &meta, &p).unwrap();
+}

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use benchmarks::speed::{self, Precision, SpeedOptions, SpeedReport};
 use e2e::fixture;
 use spherear_core::cost::{ModelCost, Setting};
+use spherear_core::manifest::Manifest;
 use spherear_core::ModelConfig;
 
 /// `target/<profile>/trainer`, built by `cargo test --workspace` with the other binaries.
@@ -41,14 +42,23 @@ fn options(fx: &e2e::Fixture, out: PathBuf) -> SpeedOptions {
 fn bench_speed_rows_counts_costs_and_files() {
     let fx = fixture("tiny", 5);
     let out = fx.dir.path().join("bench");
-    let r = speed::run(&options(&fx, out.clone())).unwrap();
+    let mut o = options(&fx, out.clone());
+    o.precisions.push(Precision::W8);
+    let r = speed::run(&o).unwrap();
     let cfg = ModelConfig::preset("tiny").unwrap();
-    let cost = ModelCost::new(&cfg);
-    assert_eq!(r.rows.len(), 4);
+    assert_eq!(r.rows.len(), 6);
     assert_eq!((r.num_tokens, r.tokens_timed), (16, 3));
     // The fp16 export was made from the checkpoint because no fp16 --model was given.
-    let m16 = spherear_core::manifest::Manifest::load(&out.join("export-fp16")).unwrap();
+    let m16 = Manifest::load(&out.join("export-fp16")).unwrap();
     assert_eq!(m16.precision.compute, spherear_core::manifest::TensorDType::Float16);
+    // The w8 export was quantized from the fp32 --model.
+    let m8 = Manifest::load(&out.join("export-w8")).unwrap();
+    assert_eq!(m8.graph_precision("ar_step").unwrap().kind, Precision::W8);
+    let manifest = |p: Precision| match p {
+        Precision::Fp32 => Manifest::load(&fx.fp32).unwrap(),
+        Precision::Fp16 => m16.clone(),
+        _ => m8.clone(),
+    };
     for row in &r.rows {
         for (who, t) in [("runtime", &row.runtime.timing), ("reference", &row.reference.as_ref().unwrap().timing)] {
             // 3 tokens: 1 prefill, 2 AR steps, 3 × (2 EM steps + 1 Euler) head calls, 1 decoder run.
@@ -66,24 +76,32 @@ fn bench_speed_rows_counts_costs_and_files() {
         assert!((rt.images_per_second * rt.seconds_per_image - 1.0).abs() < 1e-9);
         let reference = row.reference.as_ref().unwrap();
         assert!((row.speedup.unwrap() - rt.images_per_second / reference.images_per_second).abs() < 1e-9);
+        // FLOPs from the model; bytes from what each export's graphs really read (manifest weight bytes).
         let bytes = if row.precision == Precision::Fp16 { 2 } else { 4 };
         let s = Setting { batch: row.batch, steps: 2, cfg: true, bytes_per_elem: bytes };
+        let cost = ModelCost::new(&cfg).with_export_bytes(&manifest(row.precision));
         assert_eq!(row.flops_per_image, cost.per_image(&s).flops);
         assert_eq!(row.bytes_per_image, cost.per_image(&s).bytes);
+        if row.precision == Precision::W8 {
+            let fp32 = r.rows.iter().find(|x| x.precision == Precision::Fp32 && x.batch == row.batch).unwrap();
+            // On `tiny` (K = 32 < block 128: every column pads to one block) the saving is small, but real.
+            assert!(row.bytes_per_image < fp32.bytes_per_image);
+        }
         assert!(row.pct_roofline > 0.0 && row.pct_bandwidth > 0.0 && row.pct_flops > 0.0);
         assert!(row.head_share > 0.0 && row.head_share < 1.0);
     }
-    // Both precisions share one reference run per (steps, batch).
+    // All precisions share one reference run per (steps, batch).
     assert_eq!(r.rows[0].reference.as_ref().unwrap().timing, r.rows[2].reference.as_ref().unwrap().timing);
+    assert_eq!(r.rows[0].reference.as_ref().unwrap().timing, r.rows[4].reference.as_ref().unwrap().timing);
     assert!(r.machine.matmul_fp32.flops_per_s > 1e8 && r.machine.bandwidth.bytes_per_s > 1e8);
     assert!(r.machine.matmul_fp16.is_some());
     // The targets are about 10 steps, which this run does not have: reported as not measured.
-    assert_eq!(r.targets.len(), 4);
+    assert_eq!(r.targets.len(), 6);
     assert!(r.targets.iter().all(|t| t.measured.is_none() && t.met.is_none()));
     assert_eq!(r.projections.len(), 2 * 2 * 2);
     // Files: JSON round-trips, markdown has the sections, PNG is the chart.
     let back: SpeedReport = serde_json::from_str(&std::fs::read_to_string(out.join("speed.json")).unwrap()).unwrap();
-    assert_eq!(back.rows.len(), 4);
+    assert_eq!(back.rows.len(), 6);
     let md = std::fs::read_to_string(out.join("speed.md")).unwrap();
     assert!(md.contains("## Targets") && md.contains("NOT measured") && md.contains("| fp16 | 2 | 3 |"));
     let png = image::open(out.join("speed.png")).unwrap();

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use calibration::quantize::{GraphReport, QuantizeOptions, WeightBits};
 use calibration::{quantize_export, CalibError};
-use e2e::{fixture, python};
+use e2e::{fixture, python, scale_tensors};
 use runtime::{GenerateRequest, Generator, GeneratorOptions};
 use spherear_core::manifest::{Manifest, PrecisionKind, TensorDType};
 
@@ -167,32 +167,6 @@ fn manifest_records_every_graph_precision() {
     assert_eq!(m.config.name, m32.config.name);
 }
 
-/// Scales every tensor whose name starts with `prefix` in `ckpt/ar.safetensors` (metadata kept): the
-/// tamed head of `runtime_generate.rs`, so sampling is smooth rather than chaotic.
-fn scale_tensors(ckpt: &Path, prefix: &str, f: f32) {
-    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-    let p = ckpt.join("ar.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in st.tensors() {
-        assert_eq!(t.dtype(), Dtype::F32);
-        let mut data = t.data().to_vec();
-        if name.starts_with(prefix) {
-            for c in data.chunks_exact_mut(4) {
-                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * f;
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        bufs.push((name, t.shape().to_vec(), data));
-    }
-    let views: Vec<(String, TensorView)> =
-        bufs.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
-    let meta = meta.metadata().clone();
-    drop(st);
-    safetensors::serialize_to_file(views, &meta, &p).unwrap();
-}
 
 fn tokens(export: &Path, req: &GenerateRequest) -> Vec<f32> {
     let g = Generator::load(export, &GeneratorOptions { threads: Some(2), ..Default::default() }).unwrap();

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use e2e::{fixture, Fixture};
+use e2e::{fixture, scale_tensors, Fixture};
 use runtime::{GenerateRequest, Generator, GeneratorOptions, Provider, ProviderOptions, RuntimeError};
 use spherear_core::data::save_grid_png;
 use tch::Tensor;
@@ -19,31 +19,6 @@ use trainer::sample::{decode, sample_tokens, SampleRequest};
 
 const TOKEN_TOL: f32 = 1e-3;
 
-/// Scales every tensor whose name starts with `prefix` in `ckpt/ar.safetensors` (metadata kept).
-fn scale_tensors(ckpt: &Path, prefix: &str, s: f32) {
-    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-    let p = ckpt.join("ar.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in st.tensors() {
-        assert_eq!(t.dtype(), Dtype::F32);
-        let mut data = t.data().to_vec();
-        if name.starts_with(prefix) {
-            for c in data.chunks_exact_mut(4) {
-                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * s;
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        bufs.push((name, t.shape().to_vec(), data));
-    }
-    let views: Vec<(String, TensorView)> =
-        bufs.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
-    let meta = meta.metadata().clone();
-    drop(st);
-    safetensors::serialize_to_file(views, &meta, &p).unwrap();
-}
 
 /// Tamed tiny checkpoint (see the module doc) with fp32 and fp16 exports (max batch 8).
 fn tamed(seed: u64) -> Fixture {
