@@ -59,10 +59,11 @@ demo: build $(RUN)/vae.safetensors $(RUN)/ar.safetensors $(EXPORT)/manifest.json
 bench: build $(EXPORT)/manifest.json
 	$(BENCH) speed --model $(EXPORT) --checkpoint $(RUN) --out bench/demo
 
-# The same on a random-init SphereAR-B (speed does not depend on the weights): about 25 min on 2 cores.
+# The same on a random-init SphereAR-B (speed does not depend on the weights), fp32 and weight-only int8/int4:
+# about 40 min on 2 cores.
 bench-b: build
 	test -f bench/spherear-b/ckpt/ar.safetensors || $(EXPORTER) random-checkpoint --preset spherear-b --out bench/spherear-b/ckpt
-	$(BENCH) speed --checkpoint bench/spherear-b/ckpt --tokens 4 --out bench/spherear-b
+	$(BENCH) speed --checkpoint bench/spherear-b/ckpt --tokens 4 --precision fp32,w8,w4 --out bench/spherear-b
 
 $(RUN)/vae.safetensors:
 	$(TRAINER) fit --stage vae --preset $(PRESET) --data fashion-mnist --out $(RUN) --steps $(VAE_STEPS)

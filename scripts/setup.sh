@@ -18,9 +18,10 @@ if [ ! -f "$STAMP" ]; then
 else
   echo "[setup] venv ok ($VENV)"
 fi
-# onnxruntime's weight-only quantizer (the oracle of the calibration tests) imports onnx_ir, which the
-# wheel does not declare.
-"$VENV/bin/python" -c "import onnx_ir" 2>/dev/null || "$VENV/bin/pip" install -q onnx-ir==1.1.0
+# Oracles of the calibration tests: onnxruntime's weight-only quantizer imports onnx_ir and its calibrator
+# scipy, which the wheel does not declare; write_calibration_table needs flatbuffers.
+"$VENV/bin/python" -c "import onnx_ir, scipy, flatbuffers" 2>/dev/null \
+  || "$VENV/bin/pip" install -q onnx-ir==1.1.0 scipy==1.17.1 flatbuffers==25.12.19
 
 if [ ! -d /usr/share/datasets/fashion-mnist ] || [ -z "$(ls -A /usr/share/datasets/fashion-mnist 2>/dev/null)" ]; then
   echo "[setup] installing Debian package dataset-fashion-mnist"

@@ -13,12 +13,24 @@ pub enum CalibError {
     Model { path: String, msg: String },
     #[error("{0}")]
     Io(String),
+    /// Rollouts and replays in ONNX Runtime (`calibration calibrate`, the quality gate).
+    #[error("{0}")]
+    Runtime(String),
+    /// No candidate export passed the quality gate.
+    #[error("quality gate: {0}")]
+    Gate(String),
     /// Manifest, output-folder and other core errors.
     #[error(transparent)]
     Core(#[from] CoreError),
     /// ONNX reading/writing errors of the exporter's ONNX layer.
     #[error(transparent)]
     Onnx(#[from] ExportError),
+}
+
+impl From<runtime::RuntimeError> for CalibError {
+    fn from(e: runtime::RuntimeError) -> Self {
+        CalibError::Runtime(e.to_string())
+    }
 }
 
 pub type Result<T, E = CalibError> = std::result::Result<T, E>;

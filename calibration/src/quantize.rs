@@ -53,7 +53,7 @@ pub const DEFAULT_ACCURACY_LEVEL: u8 = 4;
 
 /// Operators that hold quantized weights (or quantize on the fly): a graph with one of them is not a
 /// source for weight-only quantization. (Other `com.microsoft` ops, e.g. fused attention, are fine.)
-const QUANTIZED_OPS: [&str; 8] = [
+pub(crate) const QUANTIZED_OPS: [&str; 8] = [
     "MatMulNBits",
     "GatherBlockQuantized",
     "DequantizeLinear",
@@ -183,12 +183,12 @@ pub struct QuantizeReport {
     pub weights_bytes_after: u64,
 }
 
-fn model_err(dir: &Path, msg: impl Into<String>) -> CalibError {
+pub(crate) fn model_err(dir: &Path, msg: impl Into<String>) -> CalibError {
     CalibError::Model { path: dir.display().to_string(), msg: msg.into() }
 }
 
 /// The message of an error of the exporter's ONNX layer, without the variant's prefix.
-fn onnx_msg(e: ExportError) -> String {
+pub(crate) fn onnx_msg(e: ExportError) -> String {
     match e {
         ExportError::Graph(m) | ExportError::Io(m) => m,
         other => other.to_string(),
@@ -256,7 +256,7 @@ impl Source {
     }
 }
 
-fn to_f32(bytes: &[u8]) -> Vec<f32> {
+pub(crate) fn to_f32(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
@@ -281,7 +281,10 @@ struct Input {
 
 /// Quantizes `opts.model` into `opts.out` (see the module doc). `progress(done, total)` is called as
 /// weight bytes are processed. Nothing is written at `opts.out` unless everything succeeds.
-pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<QuantizeReport> {
+/// Everything [`quantize_export`] checks before it reads a graph: the options, the source export (an
+/// fp32, unquantized `exporter onnx` folder), the graphs asked for and the output folder. Returns the block
+/// size, the source manifest and the selected graphs.
+pub fn preflight(opts: &QuantizeOptions) -> Result<(usize, Manifest, BTreeSet<String>)> {
     let block_size = opts.validate()?;
     let dir = &opts.model;
     if !dir.is_dir() {
@@ -307,6 +310,8 @@ pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64
         ));
     }
     let selected = select_graphs(opts, &manifest)?;
+    let keys = quantizable_keys(&manifest.config, &selected);
+    check_keep(&opts.keep, &keys.iter().map(String::as_str).collect(), &selected)?;
     let ours = |p: &Path| exporter::export::holds_export(p);
     check_folder_output(&FolderOutput {
         out: &opts.out,
@@ -315,6 +320,42 @@ pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64
         is_ours: &ours,
         inputs: &[dir.as_path()],
     })?;
+    Ok((block_size, manifest, selected))
+}
+
+/// The checkpoint keys of the MatMul weights the graphs `selected` use, from the official key layout: the
+/// 2-D `.weight` keys except the looked-up tables (`cls_embedding`, `pos_for_diff`); the head's in
+/// `head_step`, the others in `ar_prefill`/`ar_step`.
+pub fn quantizable_keys(cfg: &spherear_core::ModelConfig, selected: &BTreeSet<String>) -> Vec<String> {
+    let (ar, head) = (selected.contains("ar_prefill") || selected.contains("ar_step"), selected.contains("head_step"));
+    spherear_core::keys::ar_keys(cfg)
+        .into_iter()
+        .filter(|k| k.shape.len() == 2 && k.name.ends_with(".weight"))
+        .filter(|k| !k.name.starts_with("cls_embedding.") && !k.name.starts_with("pos_for_diff."))
+        .filter(|k| if k.name.starts_with("head.") { head } else { ar })
+        .map(|k| k.name)
+        .collect()
+}
+
+/// Every `--keep` name must select at least one of `keys`.
+fn check_keep(keep: &[String], keys: &BTreeSet<&str>, selected: &BTreeSet<String>) -> Result<()> {
+    for k in keep {
+        if !keys.iter().any(|key| keep_matches(k, key)) {
+            let example = keys.iter().next().copied().unwrap_or("layers.0.attention.wqkv.weight");
+            return Err(CalibError::Invalid(format!(
+                "--keep '{k}' matches no MatMul weight of the graphs being quantized ({}); names are checkpoint \
+                 keys such as '{example}' or key prefixes such as 'head.net.res_blocks.0.'",
+                selected.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<QuantizeReport> {
+    let (block_size, manifest, selected) = preflight(opts)?;
+    let dir = &opts.model;
+    let compute = manifest.precision.compute;
 
     // Read every graph; refuse quantized ops the manifest did not declare.
     let weights_file = manifest.weights.file.clone();
@@ -340,19 +381,11 @@ pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64
         inputs.push(Input { name: name.clone(), file: g.file.clone(), model, cands });
     }
 
-    // --keep: every name must select at least one candidate weight.
+    // --keep: every name must select at least one candidate weight (checked against the key layout in
+    // `preflight`; here against the graphs themselves).
     let all_keys: BTreeSet<&str> =
         inputs.iter().flat_map(|i| i.cands.iter().map(|c| checkpoint_key(&c.init))).collect();
-    for k in &opts.keep {
-        if !all_keys.iter().any(|key| keep_matches(k, key)) {
-            let example = all_keys.iter().next().copied().unwrap_or("layers.0.attention.wqkv.weight");
-            return Err(CalibError::Invalid(format!(
-                "--keep '{k}' matches no MatMul weight of the graphs being quantized ({}); names are checkpoint \
-                 keys such as '{example}' or key prefixes such as 'head.net.res_blocks.0.'",
-                selected.iter().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
+    check_keep(&opts.keep, &all_keys, &selected)?;
     let kept = |c: &Candidate| opts.keep.iter().any(|k| keep_matches(k, checkpoint_key(&c.init)));
     if inputs.iter().all(|i| i.cands.iter().all(kept)) {
         return Err(CalibError::Invalid(format!(
@@ -563,13 +596,13 @@ pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64
     })
 }
 
-fn data_type(t: &TensorProto) -> DataType {
+pub(crate) fn data_type(t: &TensorProto) -> DataType {
     use protobuf::Enum;
     DataType::from_i32(t.data_type).unwrap_or(DataType::UNDEFINED)
 }
 
 /// Elements of a tensor (from its dims), for the manifest's parameter count.
-fn element_count(t: &TensorProto) -> usize {
+pub(crate) fn element_count(t: &TensorProto) -> usize {
     t.dims.iter().map(|&d| d.max(0) as usize).product()
 }
 

@@ -19,8 +19,7 @@ fn exports() -> Exports {
     let mut out = Vec::new();
     for fp16 in [false, true] {
         let o = dir.path().join(if fp16 { "fp16" } else { "fp32" });
-        let opts =
-            exporter::ExportOptions { fp16, max_batch: 8, ..exporter::ExportOptions::new(&ckpt, &o) };
+        let opts = exporter::ExportOptions { fp16, max_batch: 8, ..exporter::ExportOptions::new(&ckpt, &o) };
         exporter::export(&opts).unwrap();
         out.push(o);
     }
@@ -93,4 +92,40 @@ fn quantizes_and_refuses_bad_input() {
     let m = spherear_core::manifest::Manifest::load(&out).unwrap();
     assert_eq!(m.graph_precision("head_step").unwrap().kind, spherear_core::manifest::PrecisionKind::W8);
     assert_eq!(m.graph_precision("head_step").unwrap().block_size, Some(128));
+}
+
+/// `calibration calibrate`: --help, a run, and bad input (one `error:` line, exit 1, no output folder).
+#[test]
+fn calibrate_runs_and_refuses_bad_input() {
+    let o = calibration(&["calibrate", "--help"]);
+    assert!(o.status.success());
+    let h = String::from_utf8_lossy(&o.stdout);
+    for want in ["--images", "--method", "--percentile", "--cfg", "--steps", "--seed", "--graphs", "TensorRT", "QDQ"] {
+        assert!(h.contains(want), "calibrate --help lacks {want}");
+    }
+    let ex = exports();
+    let out = ex.dir.path().join("int8");
+    let run = |model: &Path, out: &Path, args: &[&str]| {
+        calibration(&[&["calibrate", "--model", s(model), "--out", s(out), "--threads", "2", "--quiet"], args].concat())
+    };
+    let o = run(&ex.fp32, &out, &["--images", "2", "--method", "minmax", "--calls-per-graph", "4"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("QLinearMatMul") && text.contains("TensorRT table"), "{text}");
+    assert!(out.join("tensorrt/calibration.flatbuffers").is_file() && out.join("calibration.json").is_file());
+    let bad = ex.dir.path().join("bad");
+    let fails = |model: &Path, args: &[&str], want: &str| {
+        let o = run(model, &bad, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.starts_with("error: ") && err.contains(want), "{args:?}: want '{want}': {err}");
+        assert!(!bad.exists(), "{args:?}: no output folder");
+    };
+    fails(&ex.fp32, &["--images", "0"], "--images must be >= 1");
+    fails(&ex.fp32, &["--images", "2", "--method", "kl"], "unknown --method 'kl'");
+    fails(&ex.fp32, &["--images", "2", "--method", "percentile", "--percentile", "120"], "--percentile must be in");
+    fails(&out, &["--images", "2"], "already quantized");
+    fails(&ex.fp16, &["--images", "2"], "fp16 export");
+    fails(&ex.dir.path().join("missing"), &["--images", "2"], "does not exist");
 }

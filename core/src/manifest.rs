@@ -111,7 +111,10 @@ pub enum PrecisionKind {
     W8,
     /// Weight-only int4 (MatMulNBits, bits = 4), otherwise as [`PrecisionKind::W8`].
     W4,
-    /// Int8 weights and activations (a calibrated engine, e.g. TensorRT int8).
+    /// Int8 weights and activations: a QDQ graph (`calibration calibrate`) whose quantized MatMul/Conv
+    /// nodes read per-channel int8 weights through DequantizeLinear and per-tensor int8 activations
+    /// through QuantizeLinear→DequantizeLinear with calibrated scales ([`GraphPrecision::quantized_matmuls`]
+    /// counts those nodes).
     Int8,
 }
 
@@ -165,7 +168,8 @@ pub struct GraphPrecision {
     /// w8/w4: MatMulNBits `accuracy_level` (0 = unset, 4 = int8 compute: the fast CPU path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_level: Option<u8>,
-    /// w8/w4: number of MatMuls that run as MatMulNBits.
+    /// w8/w4: number of MatMuls that run as MatMulNBits; int8: number of MatMul/Conv nodes with int8
+    /// (QDQ) inputs.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub quantized_matmuls: usize,
     /// w8/w4: checkpoint keys of the MatMul weights kept at the source precision (`--keep`).
@@ -220,9 +224,10 @@ impl GraphPrecision {
                 }
             }
             None => {
+                let int8 = self.kind == PrecisionKind::Int8;
                 if self.block_size.is_some()
                     || self.accuracy_level.is_some()
-                    || self.quantized_matmuls > 0
+                    || (self.quantized_matmuls > 0 && !int8)
                     || !self.kept.is_empty()
                 {
                     return Err(format!(

@@ -168,41 +168,78 @@ fn balanced(d: &Dataset, per_class: usize) -> (Vec<f32>, Vec<i64>) {
     (imgs, labels)
 }
 
+/// Scores generated images against a data set's test split with a judge: the judge, the test split and
+/// the Gaussian of its features, computed once and shared by every setting (and by the quantization gate).
+pub struct TestSplit<'j> {
+    pub judge: &'j Judge,
+    pub test: Dataset,
+    pub test_gauss: Gaussian,
+    /// Judge accuracy on the whole test split.
+    pub judge_accuracy: f64,
+}
+
+/// Images per judge call.
+const SCORE_BATCH: usize = 256;
+
+impl<'j> TestSplit<'j> {
+    /// Loads the test split of `data` at the model's image size and checks judge, model and data agree.
+    pub fn load(judge: &'j Judge, m: &crate::Manifest, data: &str) -> Result<Self> {
+        let jc = &judge.manifest.config;
+        if jc.image_size != m.image_size || jc.num_classes != m.num_classes || jc.in_channels != 3 {
+            return Err(RuntimeError::Invalid(format!(
+                "the judge ({} px, {} classes, {} channels) does not fit the model ({} px, {} classes, 3 channels)",
+                jc.image_size, jc.num_classes, jc.in_channels, m.image_size, m.num_classes
+            )));
+        }
+        let test = data::load(&data::parse_source(data), Split::Test, m.image_size, None)?;
+        if test.num_classes != m.num_classes {
+            return Err(RuntimeError::Invalid(format!(
+                "the dataset has {} classes, the model {}",
+                test.num_classes, m.num_classes
+            )));
+        }
+        let scores = judge.score(&test.images, SCORE_BATCH)?;
+        let test_gauss = Gaussian::fit(&scores.features, jc.feature_dim)?;
+        let judge_accuracy = accuracy(&scores.predictions, &test.labels);
+        Ok(TestSplit { judge, test, test_gauss, judge_accuracy })
+    }
+
+    /// Images of the smallest class of the test split.
+    pub fn smallest_class(&self) -> usize {
+        (0..self.test.num_classes as i64).map(|c| self.test.labels.iter().filter(|&&l| l == c).count()).min().unwrap_or(0)
+    }
+
+    /// (accuracy, Fréchet distance to the test split) of decoded images ([n, 3, H, W] in [−1, 1], rounded
+    /// to 8-bit pixels first) generated for `classes`.
+    pub fn score(&self, images: &mut [f32], classes: &[i64]) -> Result<(f64, f64)> {
+        quantize_like_png(images);
+        let s = self.judge.score(images, SCORE_BATCH)?;
+        let g = Gaussian::fit(&s.features, self.judge.manifest.config.feature_dim)?;
+        Ok((accuracy(&s.predictions, classes), frechet_distance(&g, &self.test_gauss)?))
+    }
+}
+
 /// Runs the evaluation; `progress(done, total)` is called after each token step (in images × tokens).
 pub fn evaluate(g: &Generator, judge: &Judge, o: &EvalOptions, mut progress: impl FnMut(u64)) -> Result<EvalReport> {
     let m = g.manifest();
     let jc = &judge.manifest.config;
-    if jc.image_size != m.image_size || jc.num_classes != m.num_classes || jc.in_channels != 3 {
-        return Err(RuntimeError::Invalid(format!(
-            "the judge ({} px, {} classes, {} channels) does not fit the model ({} px, {} classes, 3 channels)",
-            jc.image_size, jc.num_classes, jc.in_channels, m.image_size, m.num_classes
-        )));
-    }
     if o.per_class < 2 || o.cfgs.is_empty() || o.steps.is_empty() {
         return Err(RuntimeError::Invalid("--per-class must be ≥ 2 and --cfg/--steps non-empty".into()));
     }
-    let source = data::parse_source(&o.data);
-    let test = data::load(&source, Split::Test, m.image_size, None)?;
-    let train = data::load(&source, Split::Train, m.image_size, o.train_limit)?;
-    if test.num_classes != m.num_classes {
-        return Err(RuntimeError::Invalid(format!(
-            "the dataset has {} classes, the model {}",
-            test.num_classes, m.num_classes
-        )));
-    }
+    let split = TestSplit::load(judge, m, &o.data)?;
     // Generated rows are compared with a reference row of as many real test images per class, and all of a
     // setting's images are scored at once: --per-class is bounded by the smallest test class.
-    let smallest = (0..test.num_classes as i64).map(|c| test.labels.iter().filter(|&&l| l == c).count()).min();
-    if let Some(k) = smallest.filter(|&k| o.per_class > k) {
+    let k = split.smallest_class();
+    if o.per_class > k {
         return Err(RuntimeError::Invalid(format!(
             "--per-class {} is more than the {k} test images of the smallest class (the reference row needs as many \
              real images per class)",
             o.per_class
         )));
     }
-    let sb = 256;
-    let test_scores = judge.score(&test.images, sb)?;
-    let test_gauss = Gaussian::fit(&test_scores.features, jc.feature_dim)?;
+    let test = &split.test;
+    let train = data::load(&data::parse_source(&o.data), Split::Train, m.image_size, o.train_limit)?;
+    let sb = SCORE_BATCH;
     let train_gauss = Gaussian::fit(&judge.score(&train.images, sb)?.features, jc.feature_dim)?;
 
     let mut rows = Vec::new();
@@ -228,22 +265,21 @@ pub fn evaluate(g: &Generator, judge: &Judge, o: &EvalOptions, mut progress: imp
             let (tokens, _) = g.generate_tokens(&req, |n| progress(n as u64))?;
             let mut images = g.decode(&tokens, g.effective_batch(&req))?;
             let seconds = t0.elapsed().as_secs_f64();
-            quantize_like_png(&mut images);
-            let s = judge.score(&images, sb)?;
+            let (acc, fd) = split.score(&mut images, &req.classes)?;
             rows.push(EvalRow {
                 kind: "generated".into(),
                 steps: Some(steps),
                 cfg: Some(cfg),
                 images: req.classes.len(),
-                accuracy: accuracy(&s.predictions, &req.classes),
-                frechet_distance: frechet_distance(&Gaussian::fit(&s.features, jc.feature_dim)?, &test_gauss)?,
+                accuracy: acc,
+                frechet_distance: fd,
                 seconds,
             });
         }
     }
     let report = EvalReport {
         model: m.config.name.clone(),
-        judge_test_accuracy: Some(accuracy(&test_scores.predictions, &test.labels)),
+        judge_test_accuracy: Some(split.judge_accuracy),
         feature_dim: jc.feature_dim,
         test_images: test.len(),
         train_images: train.len(),

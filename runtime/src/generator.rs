@@ -12,10 +12,15 @@
 //! `past_key_values.*` inputs *and* `present.*` outputs, so every step updates it in place (the graph
 //! writes each row's position). Condition, token, position, x_t, t and velocity tensors are allocated once per
 //! batch and bound through [`IoBinding`]s; the token loop allocates nothing proportional to the cache.
+//!
+//! Observer hook ([`GraphObserver`], [`Generator::set_observer`]): a caller may watch the host inputs of
+//! every graph run (e.g. `calibration calibrate` records activation ranges from real rollouts instead of
+//! running a sampling loop of its own). Without an observer the hook costs one `Option` check per run and
+//! allocates nothing.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -40,6 +45,70 @@ pub struct GeneratorOptions {
     pub threads: Option<usize>,
     /// The ONNX Runtime library (else `ORT_DYLIB_PATH`, else the workspace `.venv`; see [`ortlib`]).
     pub ort_lib: Option<PathBuf>,
+}
+
+/// Values of one graph input as a [`GraphObserver`] sees them (host memory, borrowed for the call).
+#[derive(Debug, Clone, Copy)]
+pub enum ObservedData<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// One input of a graph run: its name in the graph, its shape and its values.
+#[derive(Debug, Clone, Copy)]
+pub struct ObservedInput<'a> {
+    pub name: &'a str,
+    pub shape: &'a [i64],
+    pub data: ObservedData<'a>,
+}
+
+/// Watches graph runs of a [`Generator`] (see [`Generator::set_observer`]).
+///
+/// Before every run of `ar_prefill`, `ar_step`, `head_step` (token sampling) and `decoder`
+/// ([`Generator::decode`]) the generator asks [`GraphObserver::wants`]; when it says yes it calls
+/// [`GraphObserver::observe`] with every input of that run exactly as the graph is about to read it
+/// (for `ar_step` the KV cache before this step's position is written). The slices borrow the generator's
+/// buffers for the duration of the call only: copy what you keep. An `Err` stops the generation with
+/// [`RuntimeError::Model`]. Both methods run on the generating thread, inside the token loop: keep
+/// `wants` cheap (a counter), do heavy work only for the runs you take.
+pub trait GraphObserver: Send + Sync {
+    /// Whether the next run of `graph` should be passed to [`GraphObserver::observe`].
+    fn wants(&self, graph: &str) -> bool;
+    /// The inputs of a run of `graph` that [`GraphObserver::wants`] accepted, just before it runs.
+    fn observe(&self, graph: &str, inputs: &[ObservedInput<'_>]) -> std::result::Result<(), String>;
+}
+
+impl std::fmt::Debug for dyn GraphObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GraphObserver")
+    }
+}
+
+/// Calls `observer` for a run of `graph` when it wants it; `inputs` builds the input views only then.
+fn notify<'a>(
+    observer: Option<&dyn GraphObserver>,
+    graph: &str,
+    inputs: impl FnOnce() -> Result<Vec<ObservedInput<'a>>>,
+) -> Result<()> {
+    let Some(o) = observer else { return Ok(()) };
+    if !o.wants(graph) {
+        return Ok(());
+    }
+    let inputs = inputs()?;
+    o.observe(graph, &inputs).map_err(|e| RuntimeError::Model(format!("{graph} observer: {e}")))
+}
+
+fn f32_view<'a, T: ort::value::TensorValueTypeMarker + ?Sized>(
+    name: &'a str,
+    t: &'a ort::value::Value<T>,
+) -> Result<ObservedInput<'a>> {
+    let (shape, data) = t.try_extract_tensor::<f32>().map_err(ort_err(format!("observing {name}")))?;
+    Ok(ObservedInput { name, shape, data: ObservedData::F32(data) })
+}
+
+fn i64_view<'a>(name: &'a str, t: &'a Tensor<i64>) -> Result<ObservedInput<'a>> {
+    let (shape, data) = t.try_extract_tensor::<i64>().map_err(ort_err(format!("observing {name}")))?;
+    Ok(ObservedInput { name, shape, data: ObservedData::I64(data) })
 }
 
 /// A generation request: the core sampling request (classes, cfg, steps, seed, batch).
@@ -93,18 +162,20 @@ impl GenerateStats {
 pub struct Generator {
     dir: PathBuf,
     manifest: Manifest,
-    prefill: Mutex<Session>,
-    step: Mutex<Session>,
-    head: Mutex<Session>,
+    pub(crate) prefill: Mutex<Session>,
+    pub(crate) step: Mutex<Session>,
+    pub(crate) head: Mutex<Session>,
     decoder: Mutex<Session>,
     provider: ProviderReport,
     options: GeneratorOptions,
     ort_lib: PathBuf,
+    /// See [`Generator::set_observer`].
+    observer: Option<Arc<dyn GraphObserver>>,
 }
 
 const AR_GRAPHS: [&str; 4] = ["ar_prefill", "ar_step", "head_step", "decoder"];
 
-fn kv_names(i: usize) -> [String; 4] {
+pub(crate) fn kv_names(i: usize) -> [String; 4] {
     [
         format!("past_key_values.{i}.key"),
         format!("past_key_values.{i}.value"),
@@ -181,7 +252,7 @@ fn check_weights_file(dir: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-fn lock<'a>(m: &'a Mutex<Session>, what: &str) -> Result<MutexGuard<'a, Session>> {
+pub(crate) fn lock<'a>(m: &'a Mutex<Session>, what: &str) -> Result<MutexGuard<'a, Session>> {
     m.lock().map_err(|_| RuntimeError::Model(format!("{what} session lock poisoned by an earlier panic")))
 }
 
@@ -242,7 +313,21 @@ impl Generator {
             provider,
             options: options.clone(),
             ort_lib,
+            observer: None,
         })
+    }
+
+    /// Installs (`Some`) or removes (`None`) the [`GraphObserver`] that sees the inputs of every graph run
+    /// from then on. Only with the CPU provider: elsewhere the KV cache lives in device memory.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn GraphObserver>>) -> Result<()> {
+        if observer.is_some() && self.provider.active != Provider::Cpu {
+            return Err(RuntimeError::Invalid(format!(
+                "a graph observer needs the CPU provider (active: {})",
+                self.provider.active.name()
+            )));
+        }
+        self.observer = observer;
+        Ok(())
     }
 
     /// One session. A provider whose registration fails falls back to CPU (logged once) unless strict; a
@@ -403,6 +488,7 @@ impl Generator {
             let t0 = Instant::now();
             let input = Tensor::from_array(([n, m.num_tokens, m.latent_dim], chunk.to_vec()))
                 .map_err(ort_err("decoder input"))?;
+            notify(self.observer.as_deref(), "decoder", || Ok(vec![f32_view("tokens", &input)?]))?;
             let outputs = session.run(ort::inputs!["tokens" => input]).map_err(ort_err("decoder"))?;
             let image =
                 outputs.get("image").ok_or_else(|| RuntimeError::Model("decoder returned no 'image'".into()))?;
@@ -500,7 +586,7 @@ fn write<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
     Ok(())
 }
 
-fn all_finite(v: &[f32]) -> bool {
+pub(crate) fn all_finite(v: &[f32]) -> bool {
     v.iter().all(|x| x.is_finite())
 }
 
@@ -568,6 +654,7 @@ impl BatchState {
         t: f32,
         guidance: Option<f32>,
         stats: &mut GenerateStats,
+        observer: Option<&dyn GraphObserver>,
     ) -> Result<()> {
         stats.head_rows += self.rows;
         {
@@ -581,6 +668,9 @@ impl BatchState {
         }
         self.head_io.bind_input("x_t", &self.x_t).map_err(ort_err("binding x_t"))?;
         self.head_io.bind_input("t", &self.t).map_err(ort_err("binding t"))?;
+        notify(observer, "head_step", || {
+            Ok(vec![f32_view("x_t", &self.x_t)?, f32_view("t", &self.t)?, f32_view("condition", &self.condition)?])
+        })?;
         let t0 = Instant::now();
         head.run_binding(&self.head_io).map_err(ort_err("head_step"))?;
         stats.timing.stages.head += t0.elapsed().as_secs_f64();
@@ -608,6 +698,7 @@ impl BatchState {
         on_tokens: &mut impl FnMut(usize) -> ControlFlow<()>,
     ) -> Result<()> {
         let m = &g.manifest;
+        let observer = g.observer.as_deref();
         let (b, d, l) = (classes.len(), self.d, m.num_tokens);
         let doubled = token_plan(req.cfg, 0, l).doubled_batch;
         let mut ids = classes.to_vec();
@@ -628,6 +719,7 @@ impl BatchState {
             let token_start = Instant::now();
             let head_before = stats.timing.stages.head;
             if i == 0 {
+                notify(observer, "ar_prefill", || Ok(vec![i64_view("class_ids", &self.class_ids)?]))?;
                 s.prefill.run_binding(&self.prefill_io).map_err(ort_err("ar_prefill"))?;
                 stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
                 stats.timing.prefill_calls += 1;
@@ -638,6 +730,20 @@ impl BatchState {
                 p.fill((m.cls_token_num + i - 1) as i64);
                 self.step_io.bind_input("token", &self.token).map_err(ort_err("binding token"))?;
                 self.step_io.bind_input("position", &self.position).map_err(ort_err("binding position"))?;
+                if let Some(o) = observer.filter(|o| o.wants("ar_step")) {
+                    // The cache is bound in place: these views show it before this step writes its position.
+                    let names: Vec<String> = (0..self._kv.len() / 2)
+                        .flat_map(|l| {
+                            let [k, v, _, _] = kv_names(l);
+                            [k, v]
+                        })
+                        .collect();
+                    let mut v = vec![f32_view("token", &self.token)?, i64_view("position", &self.position)?];
+                    for (name, t) in names.iter().zip(&self._kv) {
+                        v.push(f32_view(name, t)?);
+                    }
+                    o.observe("ar_step", &v).map_err(|e| RuntimeError::Model(format!("ar_step observer: {e}")))?;
+                }
                 let t0 = Instant::now();
                 s.step.run_binding(&self.step_io).map_err(ort_err("ar_step"))?;
                 stats.timing.stages.ar_step += t0.elapsed().as_secs_f64();
@@ -653,7 +759,7 @@ impl BatchState {
             let guidance = plan.guided.then_some(plan.guidance);
             noise.draw(&mut self.x[..x_len], d, plan.noise_rows_per_image)?;
             for k in 0..grid.steps {
-                self.velocity(&mut s.head, x_len, grid.times[k], guidance, stats)?;
+                self.velocity(&mut s.head, x_len, grid.times[k], guidance, stats, observer)?;
                 noise.draw(&mut self.eps[..x_len], d, plan.noise_rows_per_image)?;
                 em_update(
                     &mut self.x[..x_len],
@@ -664,7 +770,7 @@ impl BatchState {
                     grid.noise_scales[k],
                 )?;
             }
-            self.velocity(&mut s.head, x_len, grid.last_t, guidance, stats)?;
+            self.velocity(&mut s.head, x_len, grid.last_t, guidance, stats, observer)?;
             euler_update(&mut self.x[..x_len], &self.v[..x_len], grid.last_dt)?;
             if !all_finite(&self.x[..x_len]) {
                 return Err(non_finite("head_step", "velocity", i));

@@ -4,7 +4,7 @@
 //! TensorRT libraries, no device), falls back to CPU with one `warn` line, or is an error with `strict`.
 //! The decision is made once per [`crate::Generator`] and reported by [`ProviderReport`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::SessionBuilder;
@@ -80,15 +80,30 @@ impl ProviderOptions {
             return Err(RuntimeError::Invalid("--trt-int8-calibration-table needs --trt-int8".into()));
         }
         if let Some(p) = &t.int8_calibration_table {
-            if !p.is_file() {
-                return Err(RuntimeError::Invalid(format!("INT8 calibration table {} does not exist", p.display())));
-            }
+            calibration_table(p)?;
         }
         if self.device_id < 0 {
             return Err(RuntimeError::Invalid(format!("--device-id must be >= 0, got {}", self.device_id)));
         }
         Ok(())
     }
+}
+
+/// The INT8 calibration table as the TensorRT provider must get it: an absolute path (the provider
+/// resolves a relative one against the engine cache folder) and whether it is TensorRT's native cache
+/// (text starting with `TRT-`) rather than ONNX Runtime's flatbuffers table.
+pub fn calibration_table(p: &Path) -> Result<(PathBuf, bool)> {
+    let abs = std::fs::canonicalize(p)
+        .map_err(|e| RuntimeError::Invalid(format!("INT8 calibration table {}: {e}", p.display())))?;
+    let mut head = [0u8; 4];
+    let native = std::fs::File::open(&abs)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .map(|()| &head == b"TRT-")
+        .unwrap_or(false);
+    if !abs.is_file() {
+        return Err(RuntimeError::Invalid(format!("INT8 calibration table {} is not a file", p.display())));
+    }
+    Ok((abs, native))
 }
 
 /// What a generator actually runs on.
@@ -191,8 +206,10 @@ pub(crate) fn register(
                     .with_timing_cache_path(&dir);
             }
             if let Some(table) = &t.int8_calibration_table {
-                trt =
-                    trt.with_int8_calibration_table_name(table.display()).with_int8_use_native_calibration_table(false);
+                let (path, native) = calibration_table(table).map_err(|e| e.to_string())?;
+                trt = trt
+                    .with_int8_calibration_table_name(path.display())
+                    .with_int8_use_native_calibration_table(native);
             }
             if let Some((min, max)) = trt_profiles(graph, max_batch) {
                 trt = trt.with_profile_min_shapes(min).with_profile_opt_shapes(&max).with_profile_max_shapes(&max);
@@ -220,6 +237,35 @@ mod tests {
         assert!(o.validate().is_ok());
         o.tensorrt.int8_calibration_table = Some("/nonexistent/calib.cache".into());
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn calibration_tables_are_absolute_and_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let native = dir.path().join("calibration.trt.cache");
+        std::fs::write(&native, "TRT-100000-EntropyCalibration2\nx: 3c010a14\n").unwrap();
+        let flat = dir.path().join("calibration.flatbuffers");
+        std::fs::write(&flat, [12u8, 0, 0, 0, 8, 0]).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let rel = pathdiff(&native, &cwd);
+        let (p, is_native) = calibration_table(&rel).unwrap();
+        assert!(p.is_absolute() && is_native, "{p:?}");
+        assert!(!calibration_table(&flat).unwrap().1);
+        assert!(calibration_table(dir.path()).is_err(), "a folder is not a table");
+    }
+
+    /// `target` relative to `base` (both absolute), with `..` steps.
+    fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+        let (t, b): (Vec<_>, Vec<_>) = (target.components().collect(), base.components().collect());
+        let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let mut out = PathBuf::new();
+        for _ in common..b.len() {
+            out.push("..");
+        }
+        for c in &t[common..] {
+            out.push(c);
+        }
+        out
     }
 
     #[test]

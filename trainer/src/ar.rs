@@ -179,14 +179,12 @@ pub struct SphereAr {
 }
 
 impl SphereAr {
-    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Result<Self> {
         let a = &cfg.ar;
         let (dim, d, l) = (a.dim as i64, cfg.latent_dim as i64, cfg.num_tokens() as i64);
         let randn = nn::Init::Randn { mean: 0.0, stdev: INIT_STD };
-        let rope = rope_2d(cfg.grid(), a.head_dim_attn(), cfg.cls_token_num)
-            .map(|t| rope_tensor(&t.truncated(cfg.ar_seq_len())))
-            .unwrap_or_else(|_| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
-        SphereAr {
+        let rope = rope_tensor(&rope_2d(cfg.grid(), a.head_dim_attn(), cfg.cls_token_num)?.truncated(cfg.ar_seq_len()));
+        Ok(SphereAr {
             cls_embedding: (&vs / "cls_embedding").var(
                 "weight",
                 &[cfg.num_classes as i64 + 1, dim * cfg.cls_token_num as i64],
@@ -203,7 +201,7 @@ impl SphereAr {
             rope,
             cls_tokens: cfg.cls_token_num as i64,
             dim,
-        }
+        })
     }
 
     /// Class tokens [B, cls, dim] for class ids [B] (id = num_classes is the null class).
@@ -280,11 +278,11 @@ pub fn weights_path(dir: &Path) -> PathBuf {
 }
 
 impl ArModel {
-    pub fn new(cfg: &ModelConfig) -> Self {
+    pub fn new(cfg: &ModelConfig) -> Result<Self> {
         let vs = nn::VarStore::new(Device::Cpu);
-        let vae = Vae::new(vs.root() / "vae", cfg);
-        let ar = SphereAr::new(vs.root(), cfg);
-        ArModel { vs, ar, vae, config: cfg.clone() }
+        let vae = Vae::new(vs.root() / "vae", cfg)?;
+        let ar = SphereAr::new(vs.root(), cfg)?;
+        Ok(ArModel { vs, ar, vae, config: cfg.clone() })
     }
 
     /// Loads `ar.safetensors` (a run folder or the file itself); every key and shape must match.
@@ -298,7 +296,7 @@ impl ArModel {
         }
         let tf = checkpoint::load(&file)?;
         let cfg = tf.config(&file)?;
-        let m = ArModel::new(&cfg);
+        let m = ArModel::new(&cfg)?;
         checkpoint::load_into(&m.vs, &tf.tensors, "", &format!("checkpoint {}", file.display()))?;
         Ok(m)
     }

@@ -146,7 +146,7 @@ pub struct ArTrainer {
 impl ArTrainer {
     /// A fresh AR model around a (frozen) VAE.
     pub fn new(cfg: &ModelConfig, vae: Option<&VaeModel>) -> Result<Self> {
-        let model = ArModel::new(cfg);
+        let model = ArModel::new(cfg)?;
         if let Some(v) = vae {
             checkpoint::load_into(&model.vs, &checkpoint::named_tensors(&v.vs, "vae."), "vae.", "the VAE")?;
         }
@@ -355,7 +355,7 @@ pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
     let report = ArFitReport { run: FitSummary::new(start, ta.steps, &outcome), latent_seconds };
     if !report.run.interrupted {
         tr.model.save_tensors(&args.out, tr.export_tensors(), "ar")?;
-        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
         spherear_core::fsutil::write_atomic(&args.out.join("ar-metrics.json"), json.as_bytes())?;
     }
     Ok(report)

@@ -280,7 +280,7 @@ pub fn fit_judge(args: &JudgeFitArgs, stop: &AtomicBool) -> Result<JudgeFitRepor
     }
     m.save_weights(&weights_path(&args.out))?;
     report.test_accuracy = Some(accuracy(&m, &test));
-    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
     spherear_core::fsutil::write_atomic(&args.out.join(JUDGE_METRICS_FILE), json.as_bytes())?;
     Ok(report)
 }

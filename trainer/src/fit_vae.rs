@@ -87,10 +87,10 @@ pub struct VaeModel {
 }
 
 impl VaeModel {
-    pub fn new(config: &ModelConfig) -> Self {
+    pub fn new(config: &ModelConfig) -> Result<Self> {
         let vs = VarStore::new(Device::Cpu);
-        let vae = Vae::new(vs.root() / "vae", config);
-        VaeModel { vs, vae, config: config.clone() }
+        let vae = Vae::new(vs.root() / "vae", config)?;
+        Ok(VaeModel { vs, vae, config: config.clone() })
     }
 
     /// Loads a weights file or a training checkpoint whose config must equal `config` when given.
@@ -100,7 +100,7 @@ impl VaeModel {
         if let Some(c) = config {
             checkpoint::check_stage_config(path, "vae", &stored, c)?;
         }
-        let m = VaeModel::new(&stored);
+        let m = VaeModel::new(&stored)?;
         checkpoint::load_into(&m.vs, &file.tensors, "vae.", &format!("checkpoint {}", path.display()))?;
         Ok(m)
     }
@@ -216,7 +216,7 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
     data_id.record(&mut meta);
 
     tch::manual_seed(ta.seed as i64);
-    let m = VaeModel::new(&config);
+    let m = VaeModel::new(&config)?;
     let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
     let mut start = 0usize;
     if let Some((step, file)) = checkpoint::load_train(&ckpt, "vae", &config)? {
@@ -260,7 +260,7 @@ pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
     let (pm, ps) = evaluate(&m, &held_out, &args.out.join("vae-recon.png"))?;
     report.psnr_mode_db = Some(pm);
     report.psnr_sample_db = Some(ps);
-    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
     spherear_core::fsutil::write_atomic(&args.out.join("vae-metrics.json"), json.as_bytes())?;
     Ok(report)
 }

@@ -112,7 +112,7 @@ pub fn import_official(
         inputs: &inputs,
     })?;
     let (tensors, report) = read_official(official, vae, &cfg)?;
-    let model = ArModel::new(&cfg);
+    let model = ArModel::new(&cfg)?;
     checkpoint::load_into(&model.vs, &tensors, "", &format!("{}", official.display()))?;
     fsutil::write_folder_atomically(out, |staging| model.save(staging, "import"))?;
     Ok(report)

@@ -16,8 +16,8 @@ use crate::error::Result;
 
 pub use spherear_core::request::SampleRequest;
 
-fn to_vec(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1)).unwrap_or_default()
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1))?)
 }
 
 fn rows_tensor(x: &[f32], d: usize) -> Tensor {
@@ -60,7 +60,7 @@ fn sample_token(
         let xt = rows_tensor(x, d);
         let xt = if guidance.is_some() { Tensor::cat(&[&xt, &xt], 0) } else { xt };
         let tt = Tensor::full([n_eval], t as f64, (Kind::Float, Device::Cpu));
-        let v = to_vec(&head.forward_embedded(&xt, &tt, &cond_emb));
+        let v = to_vec(&head.forward_embedded(&xt, &tt, &cond_emb))?;
         stats.timing.stages.head += t0.elapsed().as_secs_f64();
         stats.timing.head_calls += 1;
         match guidance {

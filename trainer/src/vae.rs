@@ -8,6 +8,7 @@ use spherear_core::rope::rope_2d;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use crate::error::Result;
 use crate::layers::{linear_default, rope_tensor, RmsNorm, TransformerBlock, INIT_STD};
 use crate::psd::{l2_normalize, PowerSpherical};
 
@@ -122,7 +123,7 @@ struct VitTrunk {
 }
 
 impl VitTrunk {
-    fn new(vs: &nn::Path, cfg: &ModelConfig, n_layers: usize) -> Self {
+    fn new(vs: &nn::Path, cfg: &ModelConfig, n_layers: usize) -> Result<Self> {
         let v = &cfg.vae;
         let z = v.z_channels as i64;
         let register_token = (vs / "register_token").var(
@@ -133,10 +134,9 @@ impl VitTrunk {
         let layers =
             (0..n_layers).map(|i| TransformerBlock::new(vs / "layers" / i, z, v.n_head as i64, false)).collect();
         // The table depends only on the config; the official checkpoints carry it as a persistent buffer.
-        let table = rope_2d(cfg.grid(), v.head_dim(), v.register_tokens).map(|t| rope_tensor(&t));
-        let table = table.unwrap_or_else(|_| Tensor::zeros([0], tch::kind::FLOAT_CPU));
+        let table = rope_tensor(&rope_2d(cfg.grid(), v.head_dim(), v.register_tokens)?);
         let freqs_cis = vs.add("freqs_cis", table, false);
-        VitTrunk { register_token, layers, freqs_cis }
+        Ok(VitTrunk { register_token, layers, freqs_cis })
     }
 
     /// Prepends the registers, runs the blocks, drops the registers.
@@ -163,18 +163,18 @@ pub struct VitEncoder {
 }
 
 impl VitEncoder {
-    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Result<Self> {
         let v = &cfg.vae;
         let chs: Vec<i64> = v.cnn_chs.iter().map(|&c| c as i64).collect();
         let z = v.z_channels as i64;
         let net = &vs / "patchify" / "0" / "net";
-        VitEncoder {
+        Ok(VitEncoder {
             conv_in: conv(&vs / "conv_in", 3, chs[0], 3, 1, 1),
             patchify: chs.windows(2).enumerate().map(|(i, w)| ResDownBlock::new(&net / i, w[0], w[1])).collect(),
-            trunk: VitTrunk::new(&vs, cfg, v.encoder_layers),
+            trunk: VitTrunk::new(&vs, cfg, v.encoder_layers)?,
             norm: RmsNorm::new(&vs / "norm", z),
             output: linear_default(&vs / "output", z, z, false),
-        }
+        })
     }
 
     /// image [N, 3, H, W] → features [N, L, z_channels]
@@ -198,19 +198,19 @@ pub struct VitDecoder {
 }
 
 impl VitDecoder {
-    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Result<Self> {
         let v = &cfg.vae;
         let chs: Vec<i64> = v.cnn_chs.iter().rev().map(|&c| c as i64).collect();
         let z = v.z_channels as i64;
         let last = *chs.last().unwrap_or(&16);
         let net = &vs / "unpatchify" / "1" / "net";
-        VitDecoder {
+        Ok(VitDecoder {
             conv_in: conv(&vs / "conv_in" / "1", z, z, 3, 1, 1),
-            trunk: VitTrunk::new(&vs, cfg, v.decoder_layers),
+            trunk: VitTrunk::new(&vs, cfg, v.decoder_layers)?,
             unpatchify: chs.windows(2).enumerate().map(|(i, w)| ResUpBlock::new(&net / i, w[0], w[1])).collect(),
             out_norm: gn(&vs / "conv_out" / "0", 16, last),
             out_conv: conv(&vs / "conv_out" / "2", last, 3, 3, 1, 1),
-        }
+        })
     }
 
     /// features [N, L, z_channels] → image [N, 3, H, W]
@@ -248,17 +248,17 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Result<Self> {
         let VaeConfig { z_channels, .. } = cfg.vae;
         let (z, d) = (z_channels as i64, cfg.latent_dim as i64);
-        Vae {
-            encoder: VitEncoder::new(&vs / "encoder", cfg),
-            decoder: VitDecoder::new(&vs / "decoder", cfg),
+        Ok(Vae {
+            encoder: VitEncoder::new(&vs / "encoder", cfg)?,
+            decoder: VitDecoder::new(&vs / "decoder", cfg)?,
             quant_proj: linear_default(&vs / "quant_proj", z, d + 1, true),
             post_quant_proj: linear_default(&vs / "post_quant_proj", d, z, false),
             latent_dim: d,
             radius: cfg.radius() as f64,
-        }
+        })
     }
 
     /// μ = normalize(first d outputs of `quant_proj`), κ = softplus(last) + 1.

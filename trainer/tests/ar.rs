@@ -23,7 +23,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 /// Random-but-trained-looking weights: the head's zero-initialised layers get values so outputs move.
 fn randomized(cfg: &ModelConfig, seed: i64) -> ArModel {
     tch::manual_seed(seed);
-    let m = ArModel::new(cfg);
+    let m = ArModel::new(cfg).unwrap();
     tch::no_grad(|| {
         for (name, mut t) in m.vs.variables() {
             if name.contains("ada_ln") || name.contains("final_layer") {
@@ -37,7 +37,7 @@ fn randomized(cfg: &ModelConfig, seed: i64) -> ArModel {
 #[test]
 fn spherear_b_full_model_equals_all_404_official_lines() {
     let cfg = ModelConfig::preset("spherear-b").unwrap();
-    let m = ArModel::new(&cfg);
+    let m = ArModel::new(&cfg).unwrap();
     let ours: BTreeMap<String, Vec<i64>> = m.vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/official-state-dict-B.txt"),

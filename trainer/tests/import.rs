@@ -46,7 +46,7 @@ fn import_gives_the_same_outputs_as_loading_the_tensors_directly() {
 
     // Direct: the same tensors copied straight into a fresh model.
     let cfg = ModelConfig::preset("tiny").unwrap();
-    let direct = ArModel::new(&cfg);
+    let direct = ArModel::new(&cfg).unwrap();
     let ck = read_torch_checkpoint(&fixture("tiny-official.pt")).unwrap();
     tch::no_grad(|| {
         for (name, mut var) in direct.vs.variables() {

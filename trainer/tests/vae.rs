@@ -30,7 +30,7 @@ fn official_keys(prefix: &str) -> BTreeMap<String, Vec<i64>> {
 #[test]
 fn spherear_b_vae_keys_and_shapes_equal_the_official_list() {
     let cfg = ModelConfig::preset("spherear-b").unwrap();
-    let m = VaeModel::new(&cfg);
+    let m = VaeModel::new(&cfg).unwrap();
     let ours: BTreeMap<String, Vec<i64>> = m.vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
     let official = official_keys("vae.");
     assert_eq!(official.len(), 202, "fixture should hold 202 vae.* lines");
@@ -60,7 +60,7 @@ fn pattern_images(n: i64, size: i64) -> Tensor {
 fn tiny_vae_overfits_16_images() {
     tch::manual_seed(0);
     let cfg = ModelConfig::preset("tiny").unwrap();
-    let m = VaeModel::new(&cfg);
+    let m = VaeModel::new(&cfg).unwrap();
     let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
     let x = pattern_images(16, cfg.image_size as i64);
     let mut losses = Vec::new();
@@ -77,7 +77,7 @@ fn tiny_vae_overfits_16_images() {
 fn checkpoint_save_then_load_gives_identical_outputs() {
     tch::manual_seed(3);
     let cfg = ModelConfig::preset("tiny").unwrap();
-    let m = VaeModel::new(&cfg);
+    let m = VaeModel::new(&cfg).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("vae.safetensors");
     m.save_weights(&p).unwrap();
@@ -88,7 +88,7 @@ fn checkpoint_save_then_load_gives_identical_outputs() {
     let b = m2.reconstruct(&x, false);
     assert_eq!(f64::try_from((a - b).abs().max()).unwrap(), 0.0);
     // A freshly initialised model differs, so the comparison above is meaningful.
-    let m3 = VaeModel::new(&cfg);
+    let m3 = VaeModel::new(&cfg).unwrap();
     assert!(f64::try_from((m3.reconstruct(&x, false) - m.reconstruct(&x, false)).abs().max()).unwrap() > 1e-4);
     // Wrong preset for a checkpoint is named.
     let err = VaeModel::load(&p, Some(&ModelConfig::preset("fmnist-32").unwrap())).err().unwrap().to_string();
