@@ -13,6 +13,8 @@ use std::process::Command;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use spherear_core::cost::{datasheet_gpus, Bound, Machine, ModelCost, Setting};
+use calibration::calibrate::CalibrateOptions;
+use calibration::histogram::{Method, DEFAULT_PERCENTILE};
 use calibration::quantize::{QuantizeOptions, WeightBits};
 use spherear_core::manifest::{Manifest, PrecisionKind};
 use spherear_core::timing::{peak_rss_bytes, reset_peak_rss, Timing};
@@ -58,6 +60,14 @@ fn kv_bytes(p: Precision) -> usize {
     } else {
         4
     }
+}
+
+/// Images of the calibration that makes a benchmark's int8 export (its speed does not depend on the ranges).
+const INT8_CALIBRATION_IMAGES: usize = 2;
+
+/// Precisions made from the fp32 export (weight-only w8/w4, calibrated int8) rather than from the checkpoint.
+fn derived(p: Precision) -> bool {
+    matches!(p, Precision::W8 | Precision::W4 | Precision::Int8)
 }
 
 /// The precision an export runs at: its `ar_step`'s.
@@ -195,10 +205,10 @@ fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
     let mut out: Vec<(Precision, PathBuf, Manifest)> = Vec::new();
     // fp32 first: the quantized precisions are made from it.
     let mut wanted = o.precisions.clone();
-    if wanted.iter().any(|p| p.weight_bits().is_some()) && !wanted.contains(&Precision::Fp32) {
+    if wanted.iter().any(|&p| derived(p)) && !wanted.contains(&Precision::Fp32) {
         wanted.insert(0, Precision::Fp32);
     }
-    wanted.sort_by_key(|p| p.weight_bits().is_some());
+    wanted.sort_by_key(|&p| derived(p));
     for p in wanted {
         if let Some((dir, man)) = have.iter().find(|(_, m)| precision_of(m) == Some(p)) {
             out.push((p, dir.clone(), man.clone()));
@@ -206,14 +216,25 @@ fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
         }
         let dir = o.out.join(format!("export-{}", p.name()));
         // Always a fresh export: a folder left by an earlier run may come from another checkpoint or exporter.
-        if let Some(bits) = p.weight_bits() {
+        if derived(p) {
             let Some((_, src, _)) = out.iter().find(|(q, _, _)| *q == Precision::Fp32) else {
                 anyhow::bail!("no fp32 export to quantize to {p}");
             };
             eprintln!("quantizing {} to {} ({})", src.display(), dir.display(), p.name());
-            let w = if bits == 8 { WeightBits::Int8 } else { WeightBits::Int4 };
-            let q = QuantizeOptions { force: true, ..QuantizeOptions::new(src, &dir, w) };
-            calibration::quantize::quantize_export(&q, &mut |_, _| {})?;
+            if let Some(bits) = p.weight_bits() {
+                let w = if bits == 8 { WeightBits::Int8 } else { WeightBits::Int4 };
+                let q = QuantizeOptions { force: true, ..QuantizeOptions::new(src, &dir, w) };
+                calibration::quantize::quantize_export(&q, &mut |_, _| {})?;
+            } else {
+                // Speed does not depend on the ranges: a small calibration (quality: `calibration calibrate`).
+                let c = CalibrateOptions {
+                    force: true,
+                    calls_per_graph: 8,
+                    batch: 1,
+                    ..CalibrateOptions::new(src, &dir, INT8_CALIBRATION_IMAGES, Method::Percentile(DEFAULT_PERCENTILE))
+                };
+                calibration::calibrate::calibrate_export(&c, &mut |_| {})?;
+            }
         } else {
             let ckpt = o.checkpoint.as_ref().ok_or_else(|| {
                 anyhow::anyhow!(
@@ -468,8 +489,8 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
     bar.finish_and_clear();
 
     let mut projections = Vec::new();
-    // GPU projections for the unquantized precisions (MatMulNBits is a CPU/CUDA kernel of its own).
-    for &p in o.precisions.iter().filter(|p| p.weight_bits().is_none()) {
+    // GPU projections for the unquantized precisions (the quantized kernels have their own rates).
+    for &p in o.precisions.iter().filter(|&&p| !derived(p)) {
         for gpu in datasheet_gpus(p == Precision::Fp16) {
             for &steps in &o.steps {
                 for &batch in &o.batch_sizes {

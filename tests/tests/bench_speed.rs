@@ -43,10 +43,10 @@ fn bench_speed_rows_counts_costs_and_files() {
     let fx = fixture("tiny", 5);
     let out = fx.dir.path().join("bench");
     let mut o = options(&fx, out.clone());
-    o.precisions.push(Precision::W8);
+    o.precisions.extend([Precision::W8, Precision::Int8]);
     let r = speed::run(&o).unwrap();
     let cfg = ModelConfig::preset("tiny").unwrap();
-    assert_eq!(r.rows.len(), 6);
+    assert_eq!(r.rows.len(), 8);
     assert_eq!((r.num_tokens, r.tokens_timed), (16, 3));
     // The fp16 export was made from the checkpoint because no fp16 --model was given.
     let m16 = Manifest::load(&out.join("export-fp16")).unwrap();
@@ -54,9 +54,13 @@ fn bench_speed_rows_counts_costs_and_files() {
     // The w8 export was quantized from the fp32 --model.
     let m8 = Manifest::load(&out.join("export-w8")).unwrap();
     assert_eq!(m8.graph_precision("ar_step").unwrap().kind, Precision::W8);
+    // And the int8 export was calibrated from it.
+    let mi8 = Manifest::load(&out.join("export-int8")).unwrap();
+    assert_eq!(mi8.graph_precision("head_step").unwrap().kind, Precision::Int8);
     let manifest = |p: Precision| match p {
         Precision::Fp32 => Manifest::load(&fx.fp32).unwrap(),
         Precision::Fp16 => m16.clone(),
+        Precision::Int8 => mi8.clone(),
         _ => m8.clone(),
     };
     for row in &r.rows {
@@ -93,6 +97,7 @@ fn bench_speed_rows_counts_costs_and_files() {
     // All precisions share one reference run per (steps, batch).
     assert_eq!(r.rows[0].reference.as_ref().unwrap().timing, r.rows[2].reference.as_ref().unwrap().timing);
     assert_eq!(r.rows[0].reference.as_ref().unwrap().timing, r.rows[4].reference.as_ref().unwrap().timing);
+    assert_eq!(r.rows[0].reference.as_ref().unwrap().timing, r.rows[6].reference.as_ref().unwrap().timing);
     assert!(r.machine.matmul_fp32.flops_per_s > 1e8 && r.machine.bandwidth.bytes_per_s > 1e8);
     assert!(r.machine.matmul_fp16.is_some());
     // The targets are about 10 steps, which this run does not have: reported as not measured.
@@ -101,7 +106,7 @@ fn bench_speed_rows_counts_costs_and_files() {
     assert_eq!(r.projections.len(), 2 * 2 * 2);
     // Files: JSON round-trips, markdown has the sections, PNG is the chart.
     let back: SpeedReport = serde_json::from_str(&std::fs::read_to_string(out.join("speed.json")).unwrap()).unwrap();
-    assert_eq!(back.rows.len(), 6);
+    assert_eq!(back.rows.len(), 8);
     let md = std::fs::read_to_string(out.join("speed.md")).unwrap();
     assert!(md.contains("## Targets") && md.contains("NOT measured") && md.contains("| fp16 | 2 | 3 |"));
     let png = image::open(out.join("speed.png")).unwrap();
