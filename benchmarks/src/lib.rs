@@ -3,6 +3,8 @@
 //! - [`micro`]: machine peaks (ONNX Runtime MatMul rate, memory read bandwidth)
 //! - [`speed`]: `bench speed`: runtime vs the libtorch reference across batch sizes, steps and
 //!   precisions, with per-stage breakdown, peak RSS, roofline percentages and GPU projections
+//! - [`serve`]: `bench serve`: a Poisson load generator for `runtime serve`, continuous vs static batching
 
 pub mod micro;
+pub mod serve;
 pub mod speed;

@@ -20,6 +20,106 @@ enum Cmd {
     /// the libtorch reference (`trainer sample`) on the same checkpoint, and % of this machine's roofline.
     /// Writes speed.json, speed.md and speed.png (throughput vs batch size) into --out.
     Speed(Box<SpeedArgs>),
+    /// Load test of `runtime serve` on loopback: Poisson arrivals at several offered loads, bounded in count
+    /// and time, against continuous and static batching on the same in-process server; reports throughput,
+    /// p50/p95/p99 latency and time to first token. Writes serve.json, serve.md and serve.png (latency vs
+    /// offered load) into --out.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum SchedulerArg {
+    /// Token-level continuous batching (images join at every token step).
+    Continuous,
+    /// Static batching (a batch starts only when the previous one finished).
+    Static,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Export folder from `exporter onnx`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated offered loads in requests/s (default: 0.25, 0.5, 0.75, 1 and 1.25 times a capacity
+    /// measured first with one burst of concurrent requests).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Requests per (scheduler, rate) at most.
+    #[arg(long, default_value_t = 40)]
+    requests: usize,
+    /// Seconds of arrivals per (scheduler, rate) at most.
+    #[arg(long, default_value_t = 20.0)]
+    duration_s: f64,
+    /// KV slot rows of the server (CFG images take two).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Head steps per token of every request.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// CFG scale of every request.
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f32,
+    /// Images per request.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Comma-separated schedulers to compare.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "continuous,static")]
+    scheduler: Vec<SchedulerArg>,
+    /// Server deadline per request in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout_s: f64,
+    /// Seed of the arrival process (request i uses noise seed SEED + i, class i mod classes).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder for serve.json, serve.md, serve.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Intra-op threads of ONNX Runtime.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn serve_cmd(a: &ServeArgs) -> anyhow::Result<()> {
+    use runtime::serve::Scheduler;
+    anyhow::ensure!(a.timeout_s.is_finite() && a.timeout_s > 0.0, "--timeout-s must be > 0");
+    let o = benchmarks::serve::ServeBenchOptions {
+        model: a.model.clone(),
+        rates: a.rates.clone(),
+        requests: a.requests,
+        duration_s: a.duration_s,
+        max_batch: a.max_batch,
+        steps: a.steps,
+        cfg: a.cfg,
+        n: a.n,
+        schedulers: a
+            .scheduler
+            .iter()
+            .map(|s| match s {
+                SchedulerArg::Continuous => Scheduler::Continuous,
+                SchedulerArg::Static => Scheduler::Static,
+            })
+            .collect(),
+        timeout_s: a.timeout_s,
+        threads: a.threads,
+        ort_lib: a.ort_lib.clone(),
+        seed: a.seed,
+        out: a.out.clone(),
+    };
+    let quiet = a.quiet;
+    let r = benchmarks::serve::run(&o, |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    println!("{}", benchmarks::serve::markdown(&r));
+    println!("wrote {}/serve.json, serve.md, serve.png", a.out.display());
+    Ok(())
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -32,6 +132,8 @@ enum PrecisionArg {
     W8,
     /// Weight-only int4 (`calibration quantize --weights int4`, block 32, accuracy level 4).
     W4,
+    /// Int8 QDQ (`calibration calibrate`, calibrated on 2 images: enough for speed, not for quality).
+    Int8,
 }
 
 #[derive(Args)]
@@ -97,6 +199,7 @@ fn speed_cmd(a: &SpeedArgs) -> anyhow::Result<()> {
                 PrecisionArg::Fp16 => Precision::Fp16,
                 PrecisionArg::W8 => Precision::W8,
                 PrecisionArg::W4 => Precision::W4,
+                PrecisionArg::Int8 => Precision::Int8,
             })
             .collect(),
         cfg: a.cfg,
@@ -128,6 +231,7 @@ fn main() -> ExitCode {
         .try_init();
     let res = match &cli.cmd {
         Cmd::Speed(a) => speed_cmd(a),
+        Cmd::Serve(a) => serve_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

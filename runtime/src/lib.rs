@@ -11,6 +11,7 @@
 //! - [`report`]: markdown tables and PNG line charts (eval, benchmarks)
 //! - [`job`]: a grid request run piece by piece (memory grows with the batch, not the request; Ctrl-C)
 //! - [`output`]: output checks before any work; PNG grid, per-image PNGs, tokens safetensors (atomic writes)
+//! - [`serve`]: `runtime serve`, the HTTP image service with token-level continuous batching over KV slots
 //!
 //! Depends on the core crate only (never on the exporter or libtorch).
 
@@ -22,6 +23,7 @@ pub mod ortlib;
 pub mod output;
 pub mod provider;
 pub mod report;
+pub mod serve;
 
 pub use error::{Result, RuntimeError};
 pub use generator::{GenerateRequest, GenerateStats, Generator, GeneratorOptions, Tokens};

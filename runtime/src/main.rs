@@ -37,6 +37,65 @@ enum Cmd {
     /// steps x cfg setting, plus a reference row of real test images against the training split.
     /// Prints a table; with --out also writes eval.json, eval.md and eval.png (distance vs CFG).
     Eval(Box<EvalArgs>),
+    /// Serve images over HTTP with token-level continuous batching: POST /v1/images
+    /// {"class": C, "cfg": 3.0, "steps": 10, "seed": 0, "n": 1} returns JSON (base64 PNGs + per-image
+    /// timing) or, with `Accept: image/png`, one PNG (a 1 x n grid for n > 1); GET /healthz; GET /metrics
+    /// (Prometheus text). Image k of a request is bit-identical to image k of
+    /// `runtime generate --classes C --per-class n --cfg .. --steps .. --seed ..`. The model is loaded once;
+    /// ONNX Runtime runs on one engine thread over a pool of --max-batch KV rows. SIGTERM/SIGINT: stop
+    /// accepting, answer waiting requests 503, finish the running images, exit 0.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum SchedulerArg {
+    /// Waiting images join the running batch at every token step as soon as KV rows are free.
+    Continuous,
+    /// A batch (up to --max-batch rows) starts only when the previous one has finished (for comparison).
+    Static,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Export folder written by `exporter onnx` (manifest.json, *.onnx, weights.bin).
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default; the service has no authentication).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0: any free port; the address is printed as `listening on http://HOST:PORT`).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// KV slot rows of the engine's pool, CFG rows included (an image with cfg > 1 takes two rows). Bounds
+    /// the rows of every ar_step / head_step call and the KV memory (printed at start).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests that may wait for KV rows; a request beyond it gets 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Per-request deadline in seconds from arrival (queue wait included); past it the request gets 504 and
+    /// its KV rows are freed.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+    /// Largest `steps` a request may ask for (head Euler-Maruyama steps per token); requests without
+    /// `steps` get the manifest's default capped at this.
+    #[arg(long, default_value_t = 100)]
+    max_steps: usize,
+    /// Largest `n` (images per request).
+    #[arg(long, default_value_t = 16)]
+    max_n: usize,
+    /// When waiting images may enter the pool.
+    #[arg(long, value_enum, default_value_t = SchedulerArg::Continuous)]
+    scheduler: SchedulerArg,
+    /// The execution provider (the KV pool stays in host memory).
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Intra-op threads of ONNX Runtime (default: ONNX Runtime's choice, the physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -125,15 +184,8 @@ struct GenerateArgs {
     /// Also write the sampled tokens [N, L, d] here (safetensors, key "tokens").
     #[arg(long)]
     tokens_out: Option<PathBuf>,
-    /// Execution provider.
-    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
-    provider: ProviderArg,
-    /// Fail instead of falling back to CPU when the requested provider cannot be used.
-    #[arg(long)]
-    strict_provider: bool,
-    /// GPU ordinal for cuda / tensorrt.
-    #[arg(long, default_value_t = 0)]
-    device_id: i32,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// TensorRT: folder for built engines and the timing cache (reused across runs).
     #[arg(long)]
     trt_engine_cache: Option<PathBuf>,
@@ -143,7 +195,8 @@ struct GenerateArgs {
     /// TensorRT: allow int8 kernels (give --trt-int8-calibration-table for graphs without Q/DQ nodes).
     #[arg(long)]
     trt_int8: bool,
-    /// TensorRT: INT8 calibration table (calibration cache) to use with --trt-int8.
+    /// TensorRT: INT8 calibration table to use with --trt-int8: `calibration calibrate`'s
+    /// tensorrt/calibration.flatbuffers (or a native TensorRT cache, detected by its `TRT-` header).
     #[arg(long)]
     trt_int8_calibration_table: Option<PathBuf>,
     /// Intra-op threads per session (default: ONNX Runtime's choice, the physical cores).
@@ -157,22 +210,42 @@ struct GenerateArgs {
     quiet: bool,
 }
 
-fn provider_options(a: &GenerateArgs) -> ProviderOptions {
-    ProviderOptions {
-        provider: match a.provider {
-            ProviderArg::Cpu => Provider::Cpu,
-            ProviderArg::Cuda => Provider::Cuda,
-            ProviderArg::Tensorrt => Provider::TensorRt,
-        },
-        strict: a.strict_provider,
-        device_id: a.device_id,
-        tensorrt: TensorRtOptions {
-            engine_cache: a.trt_engine_cache.clone(),
-            fp16: a.trt_fp16,
-            int8: a.trt_int8,
-            int8_calibration_table: a.trt_int8_calibration_table.clone(),
-        },
+/// Where the graphs run (shared by `generate` and `serve`).
+#[derive(Args)]
+struct DeviceArgs {
+    /// Execution provider.
+    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
+    provider: ProviderArg,
+    /// Fail instead of falling back to CPU when the requested provider cannot be used.
+    #[arg(long)]
+    strict_provider: bool,
+    /// GPU ordinal for cuda / tensorrt.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+}
+
+impl DeviceArgs {
+    fn options(&self, tensorrt: TensorRtOptions) -> ProviderOptions {
+        ProviderOptions {
+            provider: match self.provider {
+                ProviderArg::Cpu => Provider::Cpu,
+                ProviderArg::Cuda => Provider::Cuda,
+                ProviderArg::Tensorrt => Provider::TensorRt,
+            },
+            strict: self.strict_provider,
+            device_id: self.device_id,
+            tensorrt,
+        }
     }
+}
+
+fn provider_options(a: &GenerateArgs) -> ProviderOptions {
+    a.device.options(TensorRtOptions {
+        engine_cache: a.trt_engine_cache.clone(),
+        fp16: a.trt_fp16,
+        int8: a.trt_int8,
+        int8_calibration_table: a.trt_int8_calibration_table.clone(),
+    })
 }
 
 /// Exit status of a run stopped by Ctrl-C.
@@ -301,6 +374,45 @@ fn eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(a: &ServeArgs) -> Result<()> {
+    use runtime::serve::{Scheduler, ServeConfig, Server};
+    if !(a.timeout_s.is_finite() && a.timeout_s > 0.0 && a.timeout_s <= 1e6) {
+        anyhow::bail!("--timeout-s must be a number of seconds in (0, 1e6], got {}", a.timeout_s);
+    }
+    let config = ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        timeout: std::time::Duration::from_secs_f64(a.timeout_s),
+        max_steps: a.max_steps,
+        max_n: a.max_n,
+        scheduler: match a.scheduler {
+            SchedulerArg::Continuous => Scheduler::Continuous,
+            SchedulerArg::Static => Scheduler::Static,
+        },
+    };
+    config.validate()?;
+    let provider = a.device.options(TensorRtOptions::default());
+    let options = GeneratorOptions { provider, threads: a.threads, ort_lib: a.ort_lib.clone() };
+    let manifest = Manifest::load(&a.model)?;
+    let generator = Generator::with_manifest(&a.model, manifest, &options)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let pool = runtime::serve::pool_bytes(&generator, config.max_batch)?;
+    let (scheduler, rows) = (config.scheduler.name(), config.max_batch);
+    let server = Server::start(Arc::new(generator), config, true)?;
+    println!(
+        "listening on http://{} ({scheduler} batching, {rows} KV rows = {:.1} MiB)",
+        server.addr(),
+        pool as f64 / (1u64 << 20) as f64
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    server.wait()?;
+    eprintln!("stopped");
+    Ok(())
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNTIME_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ort=error"));
@@ -319,6 +431,7 @@ fn main() -> ExitCode {
     let res = match &cli.cmd {
         Cmd::Generate(a) => generate(a),
         Cmd::Eval(a) => eval(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Serve(a) => serve(a).map(|()| ExitCode::SUCCESS),
     };
     match res {
         Ok(code) => code,

@@ -2,42 +2,15 @@
 //! Ctrl-C keeps the finished images and leaves no staging file, and a model that produces NaN/Inf stops
 //! with an error naming the graph and the token instead of writing a black PNG.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{runtime, set_tensor, tiny_export};
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use exporter::checkpoint::{write_random, Stage};
-use exporter::{export, ExportOptions};
 use runtime::output::{read_tokens, write_outputs};
 use runtime::{GenerateRequest, Generator, GeneratorOptions, OutputOptions};
-use spherear_core::ModelConfig;
-
-fn tiny_export(dir: &Path, edit: impl FnOnce(&Path)) -> PathBuf {
-    let ck = dir.join("ck");
-    write_random(&ModelConfig::preset("tiny").unwrap(), &ck, 3, Stage::Ar).unwrap();
-    edit(&ck.join("ar.safetensors"));
-    let out = dir.join("export");
-    export(&ExportOptions { max_batch: 16, ..ExportOptions::new(ck, &out) }).unwrap();
-    out
-}
-
-/// Overwrites every value of tensor `key` of a safetensors file with `value`.
-fn set_tensor(path: &Path, key: &str, value: f32) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let (start, len) = {
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let data = st.tensor(key).unwrap().data();
-        (data.as_ptr() as usize - bytes.as_ptr() as usize, data.len())
-    };
-    for c in bytes[start..start + len].chunks_exact_mut(4) {
-        c.copy_from_slice(&value.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn runtime() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_runtime"))
-}
 
 fn pngs(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
