@@ -3,7 +3,7 @@ reports each output's error against the first export's.
 
   time_quantized.py [--rows 2] [--iters 30] [--threads 2] EXPORT_DIR...
 
-ar_step runs at the middle image token with a random KV cache bound in place (present.* = the same
+ar_step runs every row at the middle image token with a random KV cache bound in place (present.* = the same
 OrtValues as past_key_values.*, as the runtime binds it); head_step at t = 0.5. Inputs are the same for
 every export (seed 0). Prints one JSON line per (export, graph): median ms over --iters calls after 3
 warm-up calls, and max |y - y_ref| / max |y_ref| and RMS(y - y_ref) / RMS(y_ref) of the first output.
@@ -47,7 +47,7 @@ def main():
     rng = np.random.default_rng(0)
     d, dim = m["latent_dim"], m["config"]["ar"]["dim"]
     token = rng.standard_normal((rows, d)).astype(np.float32)
-    position = np.array([m["cls_token_num"] + m["num_tokens"] // 2], dtype=np.int64)
+    position = np.full((rows,), m["cls_token_num"] + m["num_tokens"] // 2, dtype=np.int64)
     cache = [
         rng.standard_normal((rows, kv["heads"], kv["seq_len"], kv["head_dim"])).astype(np.float32)
         for _ in range(2 * kv["layers"])

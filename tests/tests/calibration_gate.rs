@@ -4,7 +4,7 @@
 //!   on the same images, token error, passed; the measures equal an independent recomputation;
 //! - without `--judge`: token statistics only, not gated; `--no-gate`: no report;
 //! - a gate nothing can pass (distance at most half of fp32's) ranks the layer groups, tries them, and
-//!   writes nothing.
+//!   writes nothing; a judge of another model is refused.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -141,6 +141,22 @@ fn a_gate_nothing_passes_ranks_the_groups_and_writes_nothing() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("no candidate passes") && lines[0].contains("nothing written"), "{stderr}");
     assert!(stderr.contains("ranking") && stderr.contains("gate (kept "), "{stderr}");
+    assert!(!out.exists());
+    // A judge of another model (10 classes, 32 px) is refused before any candidate is built.
+    let run10 = st.dir.join("judge10-run");
+    exporter::judge::write_random(&JudgeConfig::default_for(32, 10), &run10, 1).unwrap();
+    let judge10 = st.dir.join("judge10");
+    exporter::judge::export_judge(&exporter::judge::JudgeExportOptions {
+        checkpoint: run10,
+        out: judge10.clone(),
+        force: false,
+    })
+    .unwrap();
+    let (ok, _, stderr) = run(&[
+        "quantize", "--model", s(&st.fp32), "--out", s(&out), "--weights", "int8", "--judge", s(&judge10), "--data",
+        s(&st.data), "--quiet",
+    ]);
+    assert!(!ok && stderr.contains("does not fit the model"), "{stderr}");
     assert!(!out.exists());
     let leftovers: Vec<String> = std::fs::read_dir(&st.dir)
         .unwrap()
