@@ -206,6 +206,15 @@ impl ModelConfig {
     pub fn radius(&self) -> f32 {
         (self.latent_dim as f32).sqrt()
     }
+    /// The guidance scale samplers use when none is given: the official defaults for the official presets
+    /// (4.5 for SphereAR-B and -H, 4.6 for -L), 3 for the small presets (the demo's own choice).
+    pub fn default_cfg(&self) -> f32 {
+        match self.name.as_str() {
+            "spherear-b" | "spherear-h" => 4.5,
+            "spherear-l" => 4.6,
+            _ => 3.0,
+        }
+    }
     /// Class id used for the unconditional (null) branch.
     pub fn null_class(&self) -> usize {
         self.num_classes
@@ -320,6 +329,12 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cfg_follows_the_preset() {
+        let cfg = |n: &str| ModelConfig::preset(n).unwrap().default_cfg();
+        assert_eq!([cfg("spherear-b"), cfg("spherear-l"), cfg("spherear-h"), cfg("fmnist-32"), cfg("tiny")], [4.5, 4.6, 4.5, 3.0, 3.0]);
+    }
 
     #[test]
     fn official_ffn_widths() {

@@ -379,6 +379,61 @@ fn bad(path: &Path, msg: impl std::fmt::Display) -> CoreError {
 }
 
 impl Manifest {
+    /// The manifest of an export of `config` in `compute` precision: format and version, every field
+    /// derived from the config, the KV-cache contract (stage ar: layers, heads, sequence, head width,
+    /// `attention`) and the sampler facts of [`crate::schedule`]. The caller fills `graphs` (and
+    /// `weights`, documentation, provider hints); [`Manifest::validate`] checks the result.
+    pub fn new(config: ModelConfig, stage: Stage, compute: TensorDType, max_batch: usize, attention: Attention) -> Self {
+        let a = &config.ar;
+        let kv_cache = (stage == Stage::Ar).then(|| KvCache {
+            layers: a.n_layer,
+            heads: a.n_head,
+            seq_len: config.ar_seq_len(),
+            head_dim: a.head_dim_attn(),
+            dtype: compute,
+            attention,
+            layout: "[batch, heads, seq, head_dim]; seq = cls_token_num + num_tokens - 1".into(),
+            binding: String::new(),
+        });
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: MANIFEST_VERSION,
+            producer: String::new(),
+            onnx_ir_version: 10,
+            onnx_opset: 21,
+            stage,
+            radius: config.radius(),
+            latent_dim: config.latent_dim,
+            num_classes: config.num_classes,
+            null_class_id: config.null_class(),
+            cls_token_num: config.cls_token_num,
+            num_tokens: config.num_tokens(),
+            grid: config.grid(),
+            image_size: config.image_size,
+            max_batch,
+            precision: Precision { compute, fp32: Vec::new(), io: String::new() },
+            weights: WeightsEntry {
+                file: "weights.bin".into(),
+                dtype: compute,
+                parameters: 0,
+                bytes: 0,
+                doc: String::new(),
+            },
+            kv_cache,
+            sampler: Sampler {
+                cfg_schedule: "linear: g_i = 1 + (cfg - 1) i / num_tokens (core::schedule::token_plan)".into(),
+                head_sampler: "Euler-Maruyama, dt = (1 - 0.04) / steps, then one Euler step of 0.04 at t = 0.96".into(),
+                last_euler_dt: crate::schedule::LAST_DT,
+                time_factor: crate::schedule::TIME_FACTOR,
+                default_steps: crate::schedule::DEFAULT_STEPS,
+                notes: Vec::new(),
+            },
+            provider_hints: BTreeMap::new(),
+            graphs: BTreeMap::new(),
+            config,
+        }
+    }
+
     /// Reads `DIR/manifest.json` (or the file itself when `path` is a file) and validates it.
     ///
     /// The format name and version are checked before the rest of the layout, so a manifest of another
@@ -524,55 +579,15 @@ mod tests {
             outputs: vec![io("y", TensorDType::Float32)],
             precision: None,
         };
-        Manifest {
-            format: MANIFEST_FORMAT.into(),
-            format_version: MANIFEST_VERSION,
-            producer: "test".into(),
-            onnx_ir_version: 10,
-            onnx_opset: 21,
-            stage: Stage::Ar,
-            radius: cfg.radius(),
-            latent_dim: cfg.latent_dim,
-            num_classes: cfg.num_classes,
-            null_class_id: cfg.null_class(),
-            cls_token_num: cfg.cls_token_num,
-            num_tokens: cfg.num_tokens(),
-            grid: cfg.grid(),
-            image_size: cfg.image_size,
-            max_batch: 8,
-            precision: Precision { compute: TensorDType::Float16, fp32: vec![], io: String::new() },
-            weights: WeightsEntry {
-                file: "weights.bin".into(),
-                dtype: TensorDType::Float16,
-                parameters: 1,
-                bytes: 2,
-                doc: String::new(),
-            },
-            kv_cache: Some(KvCache {
-                layers: cfg.ar.n_layer,
-                heads: cfg.ar.n_head,
-                seq_len: cfg.ar_seq_len(),
-                head_dim: cfg.ar.dim / cfg.ar.n_head,
-                dtype: TensorDType::Float16,
-                layout: String::new(),
-                binding: String::new(),
-                attention: Attention::Gqa,
-            }),
-            sampler: Sampler {
-                cfg_schedule: String::new(),
-                head_sampler: String::new(),
-                last_euler_dt: 0.04,
-                time_factor: 1000.0,
-                default_steps: 100,
-                notes: vec![],
-            },
-            provider_hints: BTreeMap::new(),
-            graphs: ["ar_prefill", "ar_step", "head_step", "decoder"]
-                .iter()
-                .map(|n| (n.to_string(), g(&format!("{n}.onnx"))))
-                .collect(),
-            config: cfg,
-        }
+        let mut m = Manifest::new(cfg, Stage::Ar, TensorDType::Float16, 8, Attention::Gqa);
+        m.producer = "test".into();
+        m.weights.parameters = 1;
+        m.weights.bytes = 2;
+        m.graphs = ["ar_prefill", "ar_step", "head_step", "decoder"]
+            .iter()
+            .map(|n| (n.to_string(), g(&format!("{n}.onnx"))))
+            .collect();
+        m
     }
 
     #[test]

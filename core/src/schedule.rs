@@ -19,6 +19,8 @@ use crate::CoreError;
 
 /// Length of the final deterministic Euler step (and the time left after the EM steps).
 pub const LAST_DT: f32 = 0.04;
+/// Euler–Maruyama steps of the official sampler (`--steps` default of an export).
+pub const DEFAULT_STEPS: usize = 100;
 
 /// Guidance scale of token `token` out of `num_tokens` under the linear CFG schedule:
 /// 1 + (cfg − 1) · token / num_tokens when cfg > 1 (evaluated left to right in f64, as the

@@ -7,11 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use spherear_core::manifest::{
-    GraphEntry, GraphPrecision, KvCache, Manifest, Precision, Sampler, Stage, WeightsEntry, MANIFEST_FILE,
-    MANIFEST_FORMAT, MANIFEST_VERSION,
-};
-use spherear_core::schedule::{LAST_DT, TIME_FACTOR};
+use spherear_core::manifest::{GraphEntry, GraphPrecision, Manifest, Stage, WeightsEntry, MANIFEST_FILE};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{io_err, ExportError, Result};
@@ -140,24 +136,19 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
     }
     let (parameters, bytes) = (weights.parameters(), weights.bytes());
     weights.finish()?;
-    let a = &cfg.ar;
-    let kv_cache = (ckpt.stage == Stage::Ar).then(|| KvCache {
-        layers: a.n_layer,
-        heads: a.n_head,
-        seq_len: cfg.ar_seq_len(),
-        head_dim: a.head_dim_attn(),
-        dtype: dtype.manifest(),
-        attention: opts.attention,
-        layout: "[batch, heads, seq, head_dim]; seq = cls_token_num + num_tokens - 1".into(),
-        binding: "Allocate past_key_values.N.* once per generation from ar_prefill's present.N.* and bind each \
-                  ar_step's present.N.* to the same buffers as its past_key_values.N.*: ar_step writes only each \
-                  row's new position (GroupQueryAttention with a shared buffer, or ScatterND over (row, head, \
-                  position), whose copy ONNX Runtime skips when input and output share a buffer) and reads the \
-                  rest in place, so no step copies the cache. For CFG run the batch doubled (conditional rows, \
-                  then null-class rows); graphs are batch-agnostic."
-            .into(),
-    });
-    let fp32 = if opts.fp16 {
+    let mut m = Manifest::new(cfg.clone(), ckpt.stage, dtype.manifest(), opts.max_batch, opts.attention);
+    m.producer = format!("spherear exporter {}", env!("CARGO_PKG_VERSION"));
+    (m.onnx_ir_version, m.onnx_opset) = (IR_VERSION, OPSET);
+    if let Some(kv) = &mut m.kv_cache {
+        kv.binding = "Allocate past_key_values.N.* once per generation from ar_prefill's present.N.* and bind each \
+                      ar_step's present.N.* to the same buffers as its past_key_values.N.*: ar_step writes only each \
+                      row's new position (GroupQueryAttention with a shared buffer, or ScatterND over (row, head, \
+                      position), whose copy ONNX Runtime skips when input and output share a buffer) and reads the \
+                      rest in place, so no step copies the cache. For CFG run the batch doubled (conditional rows, \
+                      then null-class rows); graphs are batch-agnostic."
+            .into();
+    }
+    m.precision.fp32 = if opts.fp16 {
         vec![
             "RMSNorm / LayerNorm / GroupNorm statistics".into(),
             "attention scores + mask and softmax".into(),
@@ -167,75 +158,37 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
     } else {
         vec!["everything".into()]
     };
-    let weights_doc = "Every exported checkpoint tensor once, in the export dtype, as ONNX external data \
-                       (graphs reference it by offset; linear weights stored transposed to [in, out]). Keep it \
-                       beside the .onnx files.";
+    m.precision.io = "float32 except past_key_values.*/present.* (compute dtype)".into();
+    m.weights = WeightsEntry {
+        file: WEIGHTS_FILE.into(),
+        dtype: dtype.manifest(),
+        parameters,
+        bytes,
+        doc: "Every exported checkpoint tensor once, in the export dtype, as ONNX external data (graphs reference \
+              it by offset; linear weights stored transposed to [in, out]). Keep it beside the .onnx files."
+            .into(),
+    };
     let stage_note = match ckpt.stage {
         Stage::Ar => "stage ar: all graphs".to_string(),
         Stage::Vae => "stage vae: the checkpoint holds only the S-VAE, so only the decoder is exported".to_string(),
     };
-    let m = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        format_version: MANIFEST_VERSION,
-        producer: format!("spherear exporter {}", env!("CARGO_PKG_VERSION")),
-        onnx_ir_version: IR_VERSION,
-        onnx_opset: OPSET,
-        stage: ckpt.stage,
-        config: cfg.clone(),
-        radius: cfg.radius(),
-        latent_dim: cfg.latent_dim,
-        num_classes: cfg.num_classes,
-        null_class_id: cfg.null_class(),
-        cls_token_num: cfg.cls_token_num,
-        num_tokens: cfg.num_tokens(),
-        grid: cfg.grid(),
-        image_size: cfg.image_size,
-        max_batch: opts.max_batch,
-        precision: Precision {
-            compute: dtype.manifest(),
-            fp32,
-            io: "float32 except past_key_values.*/present.* (compute dtype)".into(),
-        },
-        weights: WeightsEntry {
-            file: WEIGHTS_FILE.into(),
-            dtype: dtype.manifest(),
-            parameters,
-            bytes,
-            doc: weights_doc.into(),
-        },
-        kv_cache,
-        sampler: Sampler {
-            cfg_schedule: "linear: g_i = 1 + (cfg - 1) i / num_tokens (core::schedule::token_plan)".into(),
-            head_sampler: "Euler-Maruyama, dt = (1 - 0.04) / steps, then one Euler step of 0.04 at t = 0.96".into(),
-            last_euler_dt: LAST_DT,
-            time_factor: TIME_FACTOR,
-            default_steps: 100,
-            notes: vec![
-                stage_note,
-                HEAD_STEP_DOC.into(),
-                "Token 0 under CFG is not guided: all 2B rows sampled independently (official quirk).".into(),
-                "Each new token is projected to the sphere, z <- R z / max(|z|, 1e-7), before ar_step and decoder."
-                    .into(),
-            ],
-        },
-        provider_hints: [
-            (
-                "batch".to_string(),
-                format!("dynamic axis 'batch', 1..={} (TensorRT optimisation profile)", opts.max_batch),
-            ),
-            (
-                "tensorrt".to_string(),
-                match opts.attention {
-                    Attention::Standard => "all other axes are static; opset 21 ops only".to_string(),
-                    Attention::Gqa => "all other axes are static; opset 21 ops except ar_step's GroupQueryAttention \
-                                       (runs on CUDA): export with --attention standard for an all-TensorRT ar_step"
-                        .to_string(),
-                },
-            ),
-        ]
-        .into(),
-        graphs: graphs_out,
+    m.sampler.notes = vec![
+        stage_note,
+        HEAD_STEP_DOC.into(),
+        "Token 0 under CFG is not guided: all 2B rows sampled independently (official quirk).".into(),
+        "Each new token is projected to the sphere, z <- R z / max(|z|, 1e-7), before ar_step and decoder.".into(),
+    ];
+    let trt = match opts.attention {
+        Attention::Standard => "all other axes are static; opset 21 ops only",
+        Attention::Gqa => "all other axes are static; opset 21 ops except ar_step's GroupQueryAttention (runs on \
+                           CUDA): export with --attention standard for an all-TensorRT ar_step",
     };
+    m.provider_hints = [
+        ("batch".to_string(), format!("dynamic axis 'batch', 1..={} (TensorRT optimisation profile)", opts.max_batch)),
+        ("tensorrt".to_string(), trt.to_string()),
+    ]
+    .into();
+    m.graphs = graphs_out;
     // Validated as every reader will see it before it is written.
     let m = Manifest::from_json(&m.to_json()?)?;
     std::fs::write(dir.join(MANIFEST_FILE), m.to_json()?).map_err(io_err("cannot write manifest.json"))?;

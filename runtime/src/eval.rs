@@ -51,13 +51,10 @@ impl Judge {
         if !file.is_file() {
             return Err(RuntimeError::Model(format!("judge graph {} is missing", file.display())));
         }
+        // `threads` sizes the one thread pool every session of the process shares (the first load fixes it).
         let (env, _) = crate::ortlib::environment_with_threads(ort_lib, threads)?;
         let ctx = format!("loading {}", file.display());
-        let mut b = Session::builder(&env).map_err(ort_err(ctx.clone()))?;
-        if let Some(t) = threads {
-            b = b.with_intra_threads(t).map_err(ort_err(ctx.clone()))?;
-        }
-        let session = b.commit_from_file(&file).map_err(ort_err(ctx))?;
+        let session = Session::builder(&env).and_then(|mut b| b.commit_from_file(&file)).map_err(ort_err(ctx))?;
         Ok(Judge { manifest, session: Mutex::new(session) })
     }
 

@@ -90,7 +90,7 @@ struct ServeArgs {
     /// The execution provider (the KV pool stays in host memory).
     #[command(flatten)]
     device: DeviceArgs,
-    /// Intra-op threads of ONNX Runtime (default: ONNX Runtime's choice, the physical cores).
+    /// Threads of the one ONNX Runtime pool all sessions share (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
     /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
@@ -130,7 +130,7 @@ struct EvalArgs {
     /// Folder for eval.json, eval.md, eval.png.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Intra-op threads per session (default: ONNX Runtime's choice).
+    /// Threads of the one ONNX Runtime pool all sessions share (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
     /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
@@ -163,8 +163,9 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     per_class: usize,
     /// Classifier-free guidance scale, >= 1 (1 = none; linear schedule from 1 at token 0 to cfg).
-    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
-    cfg: f32,
+    /// [default: the model's: 4.5 for SphereAR-B/H, 4.6 for L (the official values), 3 for the small presets]
+    #[arg(long, allow_negative_numbers = true)]
+    cfg: Option<f32>,
     /// Euler-Maruyama steps of the diffusion head per token, plus one final Euler step
     /// (default: the manifest's default_steps, 100).
     #[arg(long)]
@@ -199,7 +200,7 @@ struct GenerateArgs {
     /// tensorrt/calibration.flatbuffers (or a native TensorRT cache, detected by its `TRT-` header).
     #[arg(long)]
     trt_int8_calibration_table: Option<PathBuf>,
-    /// Intra-op threads per session (default: ONNX Runtime's choice, the physical cores).
+    /// Threads of the one ONNX Runtime pool all sessions share (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
     /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, else the onnxruntime wheel in the workspace .venv).
@@ -257,7 +258,8 @@ fn generate(a: &GenerateArgs) -> Result<ExitCode> {
     let manifest = Manifest::load(&a.model)?;
     let rows = a.classes.clone().unwrap_or_else(|| (0..manifest.num_classes as i64).collect());
     let steps = a.steps.unwrap_or(manifest.sampler.default_steps);
-    let job = GridJob { rows, per_class: a.per_class, cfg: a.cfg, steps, seed: a.seed, batch: a.batch };
+    let cfg = a.cfg.unwrap_or(manifest.config.default_cfg());
+    let job = GridJob { rows, per_class: a.per_class, cfg, steps, seed: a.seed, batch: a.batch };
     job.validate(&manifest)?;
     let total = job.total()?;
     let outputs =

@@ -35,14 +35,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// Bytes of memory the machine can still give (`MemAvailable`), if the OS says.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
@@ -96,7 +88,7 @@ impl OutputOptions {
             let t = (n as u64).checked_mul((num_tokens * dim * 4) as u64).ok_or_else(too_many)?;
             need = need.checked_add(t).ok_or_else(too_many)?;
         }
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = spherear_core::timing::available_memory_bytes() {
             if need > avail / 2 {
                 return Err(RuntimeError::Invalid(format!(
                     "the grid and tokens of {n} images need {:.1} GiB in memory, more than half of the {:.1} GiB \

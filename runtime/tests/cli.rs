@@ -39,7 +39,7 @@ fn fake_export(dir: &Path, version: u32) {
         ),
         graph(
             "ar_step",
-            [vec![io("token", f, vec![b.clone(), Dim::N(d)]), io("position", i64t, vec![Dim::N(1)])], past].concat(),
+            [vec![io("token", f, vec![b.clone(), Dim::N(d)]), io("position", i64t, vec![b.clone()])], past].concat(),
             [vec![cond.clone()], present].concat(),
         ),
         graph(
@@ -55,46 +55,10 @@ fn fake_export(dir: &Path, version: u32) {
     ]
     .into_iter()
     .collect();
-    let m = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        format_version: version,
-        producer: "runtime cli test".into(),
-        onnx_ir_version: 10,
-        onnx_opset: 21,
-        stage: Stage::Ar,
-        radius: cfg.radius(),
-        latent_dim: d,
-        num_classes: cfg.num_classes,
-        null_class_id: cfg.null_class(),
-        cls_token_num: cfg.cls_token_num,
-        num_tokens: l,
-        grid: cfg.grid(),
-        image_size: cfg.image_size,
-        max_batch: 8,
-        precision: Precision { compute: f, fp32: vec![], io: String::new() },
-        weights: WeightsEntry { file: "weights.bin".into(), dtype: f, parameters: 0, bytes: 0, doc: String::new() },
-        kv_cache: Some(KvCache {
-            layers: cfg.ar.n_layer,
-            heads,
-            seq_len: t,
-            head_dim: dim / heads,
-            dtype: f,
-            layout: String::new(),
-            binding: String::new(),
-            attention: Attention::Standard,
-        }),
-        sampler: Sampler {
-            cfg_schedule: String::new(),
-            head_sampler: String::new(),
-            last_euler_dt: 0.04,
-            time_factor: 1000.0,
-            default_steps: 100,
-            notes: vec![],
-        },
-        provider_hints: BTreeMap::new(),
-        graphs,
-        config: cfg,
-    };
+    let mut m = Manifest::new(cfg, Stage::Ar, f, 8, Attention::Standard);
+    m.format_version = version;
+    m.producer = "runtime cli test".into();
+    m.graphs = graphs;
     std::fs::write(dir.join(MANIFEST_FILE), m.to_json().unwrap()).unwrap();
     std::fs::write(dir.join("weights.bin"), b"").unwrap();
 }

@@ -152,8 +152,6 @@ struct ImagesBody {
     tokens: bool,
 }
 
-/// Default CFG scale of a request that gives none (as `runtime generate`).
-pub const DEFAULT_CFG: f32 = 3.0;
 
 /// Parses and checks a request body; the error is the one-line 400 reason.
 fn parse(shared: &Shared, body: &[u8]) -> std::result::Result<(ImageParams, bool), String> {
@@ -165,7 +163,8 @@ fn parse(shared: &Shared, body: &[u8]) -> std::result::Result<(ImageParams, bool
             b.class, shared.num_classes, shared.num_classes
         ));
     }
-    let cfg = b.cfg.map_or(DEFAULT_CFG, |v| v as f32);
+    // A request that gives no cfg gets the model's default, as `runtime generate` does.
+    let cfg = b.cfg.map_or(shared.default_cfg, |v| v as f32);
     if !(cfg.is_finite() && cfg >= 1.0) {
         return Err(format!("cfg must be a finite number >= 1 (1 = no guidance), got {}", b.cfg.unwrap_or(f64::NAN)));
     }

@@ -177,6 +177,8 @@ pub(crate) struct Shared {
     pub image_size: usize,
     /// Steps of a request that gives none: the manifest's default, capped by `max_steps`.
     pub default_steps: usize,
+    /// Guidance scale of a request that gives none: the model's default (`ModelConfig::default_cfg`).
+    pub default_cfg: f32,
     pub model: String,
 }
 
@@ -207,7 +209,7 @@ impl Server {
             )));
         }
         let bytes = pool_bytes(&g, config.max_batch)?;
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = spherear_core::timing::available_memory_bytes() {
             if bytes > avail / 2 {
                 return Err(RuntimeError::Invalid(format!(
                     "a KV pool of {} rows needs {:.1} GiB, more than half of the {:.1} GiB available; lower --max-batch",
@@ -229,6 +231,7 @@ impl Server {
             num_classes: m.num_classes,
             image_size: m.image_size,
             default_steps: m.sampler.default_steps.clamp(1, config.max_steps),
+            default_cfg: m.config.default_cfg(),
             model: g.dir().display().to_string(),
             config,
         });
@@ -302,14 +305,6 @@ impl Drop for Server {
         }
         let _ = self.join();
     }
-}
-
-/// Bytes of memory the machine can still give (`MemAvailable`), if the OS says.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Marks the server as draining and tells the engine (idempotent).
