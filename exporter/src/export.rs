@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use spherear_core::manifest::{GraphEntry, GraphPrecision, Manifest, Stage, WeightsEntry, MANIFEST_FILE};
+use spherear_core::manifest::{GraphEntry, GraphPrecision, Manifest, Stage, TensorDType, WeightsEntry, MANIFEST_FILE};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{io_err, ExportError, Result};
@@ -94,6 +94,7 @@ type GraphFn<'a> = Box<dyn Fn(&mut Builder) -> Result<()> + 'a>;
 fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Manifest> {
     let cfg = &ckpt.config;
     let dtype = if opts.fp16 { DType::Float16 } else { DType::Float32 };
+    let compute = if opts.fp16 { TensorDType::Float16 } else { TensorDType::Float32 };
     let mut weights = WeightFile::create(ckpt, dir, WEIGHTS_FILE, dtype)?;
     let mut list: Vec<(&str, &str, GraphFn)> = Vec::new();
     if ckpt.stage == Stage::Ar {
@@ -127,7 +128,7 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
         let precision = GraphPrecision {
             weight_bytes: Some(weight_bytes),
             lookup_bytes: Some(lookup_bytes),
-            ..GraphPrecision::source(dtype.manifest())
+            ..GraphPrecision::source(compute)
         };
         let file = format!("{name}.onnx");
         b.write(name, doc, &dir.join(&file))?;
@@ -136,7 +137,7 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
     }
     let (parameters, bytes) = (weights.parameters(), weights.bytes());
     weights.finish()?;
-    let mut m = Manifest::new(cfg.clone(), ckpt.stage, dtype.manifest(), opts.max_batch, opts.attention);
+    let mut m = Manifest::new(cfg.clone(), ckpt.stage, compute, opts.max_batch, opts.attention);
     m.producer = format!("spherear exporter {}", env!("CARGO_PKG_VERSION"));
     (m.onnx_ir_version, m.onnx_opset) = (IR_VERSION, OPSET);
     if let Some(kv) = &mut m.kv_cache {
@@ -161,7 +162,7 @@ fn write_all(ckpt: &Checkpoint, opts: &ExportOptions, dir: &Path) -> Result<Mani
     m.precision.io = "float32 except past_key_values.*/present.* (compute dtype)".into();
     m.weights = WeightsEntry {
         file: WEIGHTS_FILE.into(),
-        dtype: dtype.manifest(),
+        dtype: compute,
         parameters,
         bytes,
         doc: "Every exported checkpoint tensor once, in the export dtype, as ONNX external data (graphs reference \

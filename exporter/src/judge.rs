@@ -19,8 +19,8 @@ use spherear_core::manifest::MANIFEST_FILE;
 use crate::checkpoint::{check_finite, read_keys, write_weights, Tensor, WEIGHTS_FORMAT};
 use crate::error::{io_err, ExportError, Result};
 use crate::export::{check_output, holds_manifest_of};
+use crate::onnx::{ai, ais, Builder, DType, Dim, Layout, Value, WeightFile, WeightSource, BATCH};
 use spherear_core::fsutil::write_folder_atomically;
-use crate::onnx::{ai, ais, Builder, DType, Dim, Layout, WeightFile, WeightSource, BATCH};
 
 /// Dataset recorded in the manifest when the run folder has no `judge-metrics.json`.
 pub const DEFAULT_DATASET: &str = "fashion-mnist";
@@ -122,36 +122,38 @@ pub fn judge_graph(b: &mut Builder, cfg: &JudgeConfig) -> Result<()> {
         DType::Float32,
         vec![BATCH, Dim::N(cfg.in_channels), Dim::N(s), Dim::N(s)],
         "images in [-1, 1] (pixel / 127.5 - 1), the tensors the VAE and the decoder see",
-    );
+    )?;
     let mut x = image;
     for i in 0..cfg.channels.len() {
-        let w = b.w(&conv_weight_key(i), Layout::AsIs)?;
-        let bias = b.w(&conv_bias_key(i), Layout::AsIs)?;
+        // Keys from core (`convs.{i}.weight/bias`); nodes named under `convs.{i}`.
+        let w = b.get(&conv_weight_key(i), Layout::AsIs)?;
+        let bias = b.get(&conv_bias_key(i), Layout::AsIs)?;
+        let mut b = b.pp(format!("convs.{i}"));
         let attrs = vec![ais("kernel_shape", &[3, 3]), ais("pads", &[1, 1, 1, 1]), ais("strides", &[1, 1])];
-        let c = b.op("Conv", &[&x, &w, &bias], attrs);
-        let r = b.op("Relu", &[&c], vec![]);
-        x = b.op("MaxPool", &[&r], vec![ais("kernel_shape", &[2, 2]), ais("strides", &[2, 2])]);
+        let c = b.op("Conv", &[&x, &w, &bias], attrs)?;
+        let r = b.op("Relu", &[&c], vec![])?;
+        x = b.op("MaxPool", &[&r], vec![ais("kernel_shape", &[2, 2]), ais("strides", &[2, 2])])?;
     }
-    let flat = b.op("Flatten", &[&x], vec![ai("axis", 1)]);
+    let flat = b.op("Flatten", &[&x], vec![ai("axis", 1)])?;
     let h = gemm(b, &flat, FC_PREFIX)?;
-    let features = b.op_to("Relu", &[&h], vec![], "features");
+    let features = b.op_to("Relu", &[&h], vec![], "features")?;
     let logits = gemm(b, &features, OUT_PREFIX)?;
-    b.output(&logits, "logits", DType::Float32, vec![BATCH, Dim::N(cfg.num_classes)], "class logits (pre-softmax)");
+    b.output(&logits, "logits", DType::Float32, vec![BATCH, Dim::N(cfg.num_classes)], "class logits (pre-softmax)")?;
     b.output(
         &features,
         "features",
         DType::Float32,
         vec![BATCH, Dim::N(cfg.feature_dim)],
         "penultimate-layer features after ReLU (for the Frechet distance)",
-    );
-    Ok(())
+    )
 }
 
 /// `x @ p.weightᵀ + p.bias` for a PyTorch `[out, in]` linear weight.
-fn gemm(b: &mut Builder, x: &str, p: &str) -> Result<String> {
-    let w = b.w(&format!("{p}.weight"), Layout::AsIs)?;
-    let bias = b.w(&format!("{p}.bias"), Layout::AsIs)?;
-    Ok(b.op("Gemm", &[x, &w, &bias], vec![ai("transB", 1)]))
+fn gemm(b: &mut Builder, x: &Value, p: &str) -> Result<Value> {
+    let mut b = b.pp(p);
+    let w = b.get("weight", Layout::AsIs)?;
+    let bias = b.get("bias", Layout::AsIs)?;
+    b.op("Gemm", &[x, &w, &bias], vec![ai("transB", 1)])
 }
 
 /// Runs `exporter judge`. On any error nothing is left at `opts.out` (nor a temporary folder).

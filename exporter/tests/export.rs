@@ -196,3 +196,34 @@ fn spherear_b_random_export_has_the_expected_weight_bytes() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// The node that reads initializer `init` in `graph` of the export at `out`.
+fn reader_of(out: &Path, graph: &str, init: &str) -> String {
+    let m = exporter::onnx::read_model(&out.join(format!("{graph}.onnx"))).unwrap();
+    let names: std::collections::HashSet<&str> = m.graph.node.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names.len(), m.graph.node.len(), "{graph}: node names are unique");
+    let n = m.graph.node.iter().find(|n| n.input.iter().any(|i| i == init));
+    n.unwrap_or_else(|| panic!("{graph}: nothing reads {init}")).name.clone()
+}
+
+#[test]
+fn nodes_are_named_after_the_official_module_they_belong_to() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = tiny(d.path(), Stage::Ar);
+    let out = d.path().join("out");
+    export(&ExportOptions { fp16: true, ..opts(&ck, &out) }).unwrap();
+    for (graph, init, node) in [
+        ("ar_step", "layers.1.attention.wqkv.weight.T", "layers.1.attention.wqkv/MatMul_"),
+        ("ar_step", "past_key_values.1.key", "layers.1.attention/GroupQueryAttention_"),
+        ("ar_prefill", "layers.0.feed_forward.w2.weight.T", "layers.0.feed_forward.w2/MatMul_"),
+        ("head_step", "head.net.res_blocks.1.norm.weight", "head.net.res_blocks.1.norm/Mul_"),
+        (
+            "decoder",
+            "vae.decoder.unpatchify.1.net.0.block.2.weight",
+            "vae.decoder.unpatchify.1.net.0.block.2/ConvTranspose_",
+        ),
+    ] {
+        let name = reader_of(&out, graph, init);
+        assert!(name.starts_with(node), "{graph}: {init} is read by {name}, expected {node}N");
+    }
+}
