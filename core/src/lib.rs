@@ -8,6 +8,7 @@
 //! - [`sphere`]: projection onto the radius-R sphere
 //! - [`rope`]: the 2-D RoPE table
 //! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
+//! - [`sampler`]: the token loop both samplers run (generic over a [`sampler::TokenBackend`]), its stats
 //! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
 //! - [`grid`]: the PNG grid canvas, filled image by image
 //! - [`fsutil`]: safe output writes: atomic files and folders that never replace what is not ours
@@ -26,6 +27,7 @@ pub mod manifest;
 pub mod noise;
 pub mod request;
 pub mod rope;
+pub mod sampler;
 pub mod schedule;
 pub mod sphere;
 pub mod stats;
@@ -46,4 +48,7 @@ pub enum CoreError {
     Data(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A model stage produced NaN or ±Inf while sampling (see [`sampler`]).
+    #[error("{graph} produced non-finite values ({what}) at {at}: the weights are corrupt or the model diverged")]
+    NonFinite { graph: String, what: String, at: String },
 }

@@ -1,11 +1,10 @@
 //! [`Generator`]: an export loaded once (immutable: four sessions, the manifest, the provider decision)
 //! and the per-batch generation state that owns the KV cache and every input/output buffer.
 //!
-//! The sampling procedure is the reference sampler's (`trainer::sample`) step for step: prefill, then for
-//! each token the [`token_plan`] of the linear CFG schedule (token 0 under CFG unguided with 2B noise rows,
-//! later tokens guided with B rows fed to both halves), Euler–Maruyama head sampling with
-//! [`em_update`]/[`euler_update`]/[`guide`] from the core crate, projection onto the radius-R sphere, and
-//! all noise from [`BatchNoise`] in its documented order. Only the graphs differ (ONNX Runtime vs libtorch).
+//! The sampling procedure is the reference sampler's (`trainer::sample`): both run the token loop of
+//! [`spherear_core::sampler`] (token plan, noise order, Euler–Maruyama loop, final Euler step, projection,
+//! feeding the token to both CFG halves, non-finite checks, timing); this module is its ONNX Runtime
+//! [`TokenBackend`]. Only the graphs differ (ONNX Runtime vs libtorch).
 //!
 //! Buffers: per batch, the KV cache ([2B or B, heads, T, head_dim] per layer and key/value, in the export's
 //! KV dtype) is allocated once and bound both as `ar_prefill`'s `present.*` outputs and as `ar_step`'s
@@ -27,10 +26,10 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session};
 use ort::value::{DynTensor, Tensor, TensorElementType};
 use spherear_core::manifest::{GraphEntry, Manifest, Stage, TensorDType};
-use spherear_core::noise::BatchNoise;
-use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
-use spherear_core::sphere::project_rows;
+use spherear_core::sampler::{sample_request, Feed, LoopShape, TokenBackend};
+use spherear_core::schedule::token_plan;
 use spherear_core::timing::Timing;
+use spherear_core::CoreError;
 
 use crate::error::{ort_err, Result, RuntimeError};
 use crate::ortlib;
@@ -132,31 +131,8 @@ pub struct Tokens {
     pub dim: usize,
 }
 
-/// Work and time of a generation.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GenerateStats {
-    pub images: usize,
-    /// images × tokens per image.
-    pub tokens: usize,
-    /// Wall time of token sampling (prefill, steps, head, noise, projection), as `trainer sample` times it.
-    pub sample_seconds: f64,
-    /// Largest batch the AR graphs ran (2B under CFG, B without).
-    pub max_ar_rows: usize,
-    /// Rows evaluated by head_step, summed over all evaluations.
-    pub head_rows: usize,
-    pub batches: usize,
-    /// Per-stage time and call counts of token sampling (the decoder is timed by [`Generator::decode_timed`]).
-    pub timing: Timing,
-}
-
-impl GenerateStats {
-    pub fn images_per_second(&self) -> f64 {
-        self.images as f64 / self.sample_seconds.max(1e-12)
-    }
-    pub fn tokens_per_second(&self) -> f64 {
-        self.tokens as f64 / self.sample_seconds.max(1e-12)
-    }
-}
+/// Work and time of a generation: the core sampler's stats (`trainer sample` reports the same type).
+pub use spherear_core::sampler::SampleStats as GenerateStats;
 
 /// An export loaded into ONNX Runtime: sessions are created once; generation takes `&self`.
 pub struct Generator {
@@ -425,41 +401,32 @@ impl Generator {
     ) -> Result<(Tokens, GenerateStats)> {
         validate_request(req, &self.manifest)?;
         let m = &self.manifest;
-        let (l, d) = (m.num_tokens, m.latent_dim);
-        let grid = em_time_grid(req.steps)?;
-        let batch = self.effective_batch(req);
-        let t0 = Instant::now();
-        let mut sessions = Sessions {
-            prefill: lock(&self.prefill, "ar_prefill")?,
-            step: lock(&self.step, "ar_step")?,
-            head: lock(&self.head, "head_step")?,
+        let shape = LoopShape {
+            num_tokens: m.num_tokens,
+            latent_dim: m.latent_dim,
+            radius: m.config.radius(),
+            null_class: m.null_class_id as i64,
         };
-        let mut stats = GenerateStats::default();
-        let mut data = vec![0f32; req.classes.len() * l * d];
-        let mut state: Option<BatchState> = None;
-        for (k, chunk) in req.classes.chunks(batch).enumerate() {
-            let first = k * batch;
-            let rows = if token_plan(req.cfg, 0, l).doubled_batch { 2 * chunk.len() } else { chunk.len() };
-            // Reuse the buffers of the previous batch when it had the same size (all but a short last batch).
-            if state.as_ref().map(|s| s.rows) != Some(rows) {
-                drop(state.take());
-                state = Some(BatchState::new(self, &mut sessions, rows)?);
-            }
-            let st = state.as_mut().ok_or_else(|| RuntimeError::Model("internal: batch state".into()))?;
-            let out = &mut data[first * l * d..(first + chunk.len()) * l * d];
-            st.sample(self, &mut sessions, req, first, chunk, &grid, out, &mut stats, &mut on_tokens)?;
-            stats.batches += 1;
-        }
-        stats.images = req.classes.len();
-        stats.tokens = stats.images * req.tokens_to_sample(l);
-        stats.sample_seconds = t0.elapsed().as_secs_f64();
-        let t = &mut stats.timing;
-        t.images = stats.images;
-        t.batch = batch.min(stats.images);
-        t.batches = stats.batches;
-        t.num_tokens = l;
-        t.tokens_timed = req.tokens_to_sample(l);
-        Ok((Tokens { data, n: req.classes.len(), num_tokens: l, dim: d }, stats))
+        let mut backend = OrtBackend {
+            g: self,
+            s: Sessions {
+                prefill: lock(&self.prefill, "ar_prefill")?,
+                step: lock(&self.step, "ar_step")?,
+                head: lock(&self.head, "head_step")?,
+            },
+            state: None,
+        };
+        let run = sample_request(&mut backend, &shape, req, self.effective_batch(req), |p| on_tokens(p.images))
+            .map_err(|e| match e {
+                RuntimeError::Core(CoreError::NonFinite { graph, what, at }) => {
+                    RuntimeError::NonFinite { graph, what, at }
+                }
+                e => e,
+            })?;
+        let ControlFlow::Continue((data, stats)) = run else {
+            return Err(RuntimeError::Cancelled);
+        };
+        Ok((Tokens { data, n: req.classes.len(), num_tokens: shape.num_tokens, dim: shape.latent_dim }, stats))
     }
 
     /// Decodes tokens to images [n, 3, H, W] in [−1, 1], `batch` images per decoder run.
@@ -527,7 +494,6 @@ struct Sessions<'a> {
 struct BatchState {
     /// AR rows (2B under CFG, else B); head_step always runs this many rows too.
     rows: usize,
-    d: usize,
     /// Kept alive for the bindings (they hold references to the same ORT values).
     _kv: Vec<DynTensor>,
     class_ids: Tensor<i64>,
@@ -540,10 +506,6 @@ struct BatchState {
     prefill_io: IoBinding,
     step_io: IoBinding,
     head_io: IoBinding,
-    /// Host work buffers of one token: x (rows × d at most), ε, guided velocity.
-    x: Vec<f32>,
-    eps: Vec<f32>,
-    v: Vec<f32>,
 }
 
 fn kv_allocator(g: &Generator, session: &Session) -> Option<Allocator> {
@@ -612,7 +574,6 @@ impl BatchState {
         }
         let mut st = BatchState {
             rows,
-            d,
             class_ids: host(vec![rows], "class_ids")?,
             condition: host(vec![rows, dim], "condition")?,
             token: host(vec![rows, d], "token")?,
@@ -623,9 +584,6 @@ impl BatchState {
             prefill_io: s.prefill.create_binding().map_err(ort_err("ar_prefill binding"))?,
             step_io: s.step.create_binding().map_err(ort_err("ar_step binding"))?,
             head_io: s.head.create_binding().map_err(ort_err("head_step binding"))?,
-            x: vec![0f32; rows * d],
-            eps: vec![0f32; rows * d],
-            v: vec![0f32; rows * d],
             _kv: Vec::new(),
         };
         let e = |w: &str| ort_err(format!("binding {w}"));
@@ -645,155 +603,86 @@ impl BatchState {
         Ok(st)
     }
 
-    /// Head velocity at time `t` for the current x (`x` has `rows` rows unguided, `rows / 2` guided);
-    /// writes the (guided) velocity into `self.v[..x.len()]`.
-    fn velocity(
-        &mut self,
-        head: &mut Session,
-        x_len: usize,
-        t: f32,
-        guidance: Option<f32>,
-        stats: &mut GenerateStats,
-        observer: Option<&dyn GraphObserver>,
-    ) -> Result<()> {
-        stats.head_rows += self.rows;
-        {
-            let (_, xt) = self.x_t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing x_t"))?;
-            xt[..x_len].copy_from_slice(&self.x[..x_len]);
-            if guidance.is_some() {
-                xt[x_len..2 * x_len].copy_from_slice(&self.x[..x_len]);
-            }
-            let (_, tt) = self.t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing t"))?;
-            tt.fill(t);
-        }
-        self.head_io.bind_input("x_t", &self.x_t).map_err(ort_err("binding x_t"))?;
-        self.head_io.bind_input("t", &self.t).map_err(ort_err("binding t"))?;
-        notify(observer, "head_step", || {
-            Ok(vec![f32_view("x_t", &self.x_t)?, f32_view("t", &self.t)?, f32_view("condition", &self.condition)?])
-        })?;
-        let t0 = Instant::now();
-        head.run_binding(&self.head_io).map_err(ort_err("head_step"))?;
-        stats.timing.stages.head += t0.elapsed().as_secs_f64();
-        stats.timing.head_calls += 1;
-        let v = read(&self.velocity, "velocity")?;
-        match guidance {
-            None => self.v[..x_len].copy_from_slice(&v[..x_len]),
-            Some(g) => guide(&v[..x_len], &v[x_len..2 * x_len], g, &mut self.v[..x_len])?,
+}
+
+/// The ONNX Runtime graphs as the core loop's [`TokenBackend`]: the locked sessions and the batch state, reused
+/// while batches keep their size (all but a short last batch).
+struct OrtBackend<'g> {
+    g: &'g Generator,
+    s: Sessions<'g>,
+    state: Option<BatchState>,
+}
+
+fn no_batch() -> RuntimeError {
+    RuntimeError::Model("internal: sampling before start_batch".into())
+}
+
+impl TokenBackend for OrtBackend<'_> {
+    type Error = RuntimeError;
+
+    fn start_batch(&mut self, rows: usize) -> Result<()> {
+        if self.state.as_ref().map(|s| s.rows) != Some(rows) {
+            drop(self.state.take());
+            self.state = Some(BatchState::new(self.g, &mut self.s, rows)?);
         }
         Ok(())
     }
 
-    /// Samples the tokens of images `first .. first + classes.len()` into `out` ([B, L, d]).
-    #[allow(clippy::too_many_arguments)]
-    fn sample(
-        &mut self,
-        g: &Generator,
-        s: &mut Sessions,
-        req: &GenerateRequest,
-        first: usize,
-        classes: &[i64],
-        grid: &TimeGrid,
-        out: &mut [f32],
-        stats: &mut GenerateStats,
-        on_tokens: &mut impl FnMut(usize) -> ControlFlow<()>,
-    ) -> Result<()> {
-        let m = &g.manifest;
-        let observer = g.observer.as_deref();
-        let (b, d, l) = (classes.len(), self.d, m.num_tokens);
-        let doubled = token_plan(req.cfg, 0, l).doubled_batch;
-        let mut ids = classes.to_vec();
-        if doubled {
-            ids.extend(std::iter::repeat_n(m.null_class_id as i64, b));
+    fn prefill(&mut self, class_ids: &[i64]) -> Result<&[f32]> {
+        let st = self.state.as_mut().ok_or_else(no_batch)?;
+        write(&mut st.class_ids, class_ids, "class_ids")?;
+        st.prefill_io.bind_input("class_ids", &st.class_ids).map_err(ort_err("binding class_ids"))?;
+        notify(self.g.observer.as_deref(), "ar_prefill", || Ok(vec![i64_view("class_ids", &st.class_ids)?]))?;
+        self.s.prefill.run_binding(&st.prefill_io).map_err(ort_err("ar_prefill"))?;
+        st.head_io.bind_input("condition", &st.condition).map_err(ort_err("binding condition"))?;
+        read(&st.condition, "condition")
+    }
+
+    fn step(&mut self, tokens: Feed<'_>, token: usize) -> Result<&[f32]> {
+        let st = self.state.as_mut().ok_or_else(no_batch)?;
+        let cls = self.g.manifest.cls_token_num;
+        {
+            let (_, tok) = st.token.try_extract_tensor_mut::<f32>().map_err(ort_err("writing token"))?;
+            tokens.write_to(tok)?;
+            // Every row at sequence position cls + token − 1 (ar_step also takes rows at different positions).
+            let (_, p) = st.position.try_extract_tensor_mut::<i64>().map_err(ort_err("writing position"))?;
+            p.fill((cls + token - 1) as i64);
         }
-        write(&mut self.class_ids, &ids, "class_ids")?;
-        self.prefill_io.bind_input("class_ids", &self.class_ids).map_err(ort_err("binding class_ids"))?;
-        stats.max_ar_rows = stats.max_ar_rows.max(self.rows);
-        let mut noise = BatchNoise::new(req.seed, req.first_image + first as u64, b);
-        let images = format!("{}..{}", req.first_image + first as u64, req.first_image + (first + b) as u64);
-        let non_finite = |graph: &str, what: &str, token: usize| RuntimeError::NonFinite {
-            graph: graph.into(),
-            what: what.into(),
-            at: format!("token {token} of images {images}"),
-        };
-        for i in 0..req.tokens_to_sample(l) {
-            let token_start = Instant::now();
-            let head_before = stats.timing.stages.head;
-            if i == 0 {
-                notify(observer, "ar_prefill", || Ok(vec![i64_view("class_ids", &self.class_ids)?]))?;
-                s.prefill.run_binding(&self.prefill_io).map_err(ort_err("ar_prefill"))?;
-                stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
-                stats.timing.prefill_calls += 1;
-            } else {
-                // The previous token (already in self.token) goes in at sequence position cls + i − 1, the
-                // same for every row of a batch (ar_step also takes rows at different positions).
-                let (_, p) = self.position.try_extract_tensor_mut::<i64>().map_err(ort_err("writing position"))?;
-                p.fill((m.cls_token_num + i - 1) as i64);
-                self.step_io.bind_input("token", &self.token).map_err(ort_err("binding token"))?;
-                self.step_io.bind_input("position", &self.position).map_err(ort_err("binding position"))?;
-                if let Some(o) = observer.filter(|o| o.wants("ar_step")) {
-                    // The cache is bound in place: these views show it before this step writes its position.
-                    let names: Vec<String> = (0..self._kv.len() / 2)
-                        .flat_map(|l| {
-                            let [k, v, _, _] = kv_names(l);
-                            [k, v]
-                        })
-                        .collect();
-                    let mut v = vec![f32_view("token", &self.token)?, i64_view("position", &self.position)?];
-                    for (name, t) in names.iter().zip(&self._kv) {
-                        v.push(f32_view(name, t)?);
-                    }
-                    o.observe("ar_step", &v).map_err(|e| RuntimeError::Model(format!("ar_step observer: {e}")))?;
-                }
-                let t0 = Instant::now();
-                s.step.run_binding(&self.step_io).map_err(ort_err("ar_step"))?;
-                stats.timing.stages.ar_step += t0.elapsed().as_secs_f64();
-                stats.timing.ar_step_calls += 1;
+        st.step_io.bind_input("token", &st.token).map_err(ort_err("binding token"))?;
+        st.step_io.bind_input("position", &st.position).map_err(ort_err("binding position"))?;
+        if let Some(o) = self.g.observer.as_deref().filter(|o| o.wants("ar_step")) {
+            // The cache is bound in place: these views show it before this step writes its position.
+            let names: Vec<String> = (0..st._kv.len() / 2)
+                .flat_map(|l| {
+                    let [k, v, _, _] = kv_names(l);
+                    [k, v]
+                })
+                .collect();
+            let mut v = vec![f32_view("token", &st.token)?, i64_view("position", &st.position)?];
+            for (name, t) in names.iter().zip(&st._kv) {
+                v.push(f32_view(name, t)?);
             }
-            if !all_finite(read(&self.condition, "condition")?) {
-                return Err(non_finite(if i == 0 { "ar_prefill" } else { "ar_step" }, "condition", i));
-            }
-            let ar_done = token_start.elapsed().as_secs_f64();
-            self.head_io.bind_input("condition", &self.condition).map_err(ort_err("binding condition"))?;
-            let plan = token_plan(req.cfg, i, l);
-            let x_len = b * plan.noise_rows_per_image * d;
-            let guidance = plan.guided.then_some(plan.guidance);
-            noise.draw(&mut self.x[..x_len], d, plan.noise_rows_per_image)?;
-            for k in 0..grid.steps {
-                self.velocity(&mut s.head, x_len, grid.times[k], guidance, stats, observer)?;
-                noise.draw(&mut self.eps[..x_len], d, plan.noise_rows_per_image)?;
-                em_update(
-                    &mut self.x[..x_len],
-                    &self.v[..x_len],
-                    &self.eps[..x_len],
-                    grid.times[k],
-                    grid.dt,
-                    grid.noise_scales[k],
-                )?;
-            }
-            self.velocity(&mut s.head, x_len, grid.last_t, guidance, stats, observer)?;
-            euler_update(&mut self.x[..x_len], &self.v[..x_len], grid.last_dt)?;
-            if !all_finite(&self.x[..x_len]) {
-                return Err(non_finite("head_step", "velocity", i));
-            }
-            project_rows(&mut self.x[..x_len], d, m.config.radius())?;
-            // The image's token is the conditional row; the fed-back token goes to both CFG halves
-            // (token 0 unguided under CFG: each half keeps its own sample).
-            for j in 0..b {
-                out[(j * l + i) * d..(j * l + i + 1) * d].copy_from_slice(&self.x[j * d..(j + 1) * d]);
-            }
-            if i + 1 < l {
-                let (_, tok) = self.token.try_extract_tensor_mut::<f32>().map_err(ort_err("writing token"))?;
-                tok[..x_len].copy_from_slice(&self.x[..x_len]);
-                if doubled && plan.noise_rows_per_image == 1 {
-                    tok[x_len..2 * x_len].copy_from_slice(&self.x[..x_len]);
-                }
-            }
-            let host = token_start.elapsed().as_secs_f64() - ar_done - (stats.timing.stages.head - head_before);
-            stats.timing.stages.host += host.max(0.0);
-            if on_tokens(b).is_break() {
-                return Err(RuntimeError::Cancelled);
-            }
+            o.observe("ar_step", &v).map_err(|e| RuntimeError::Model(format!("ar_step observer: {e}")))?;
         }
-        Ok(())
+        self.s.step.run_binding(&st.step_io).map_err(ort_err("ar_step"))?;
+        st.head_io.bind_input("condition", &st.condition).map_err(ort_err("binding condition"))?;
+        read(&st.condition, "condition")
+    }
+
+    fn velocity(&mut self, x_t: Feed<'_>, t: f32) -> Result<&[f32]> {
+        let st = self.state.as_mut().ok_or_else(no_batch)?;
+        {
+            let (_, xt) = st.x_t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing x_t"))?;
+            x_t.write_to(xt)?;
+            let (_, tt) = st.t.try_extract_tensor_mut::<f32>().map_err(ort_err("writing t"))?;
+            tt.fill(t);
+        }
+        st.head_io.bind_input("x_t", &st.x_t).map_err(ort_err("binding x_t"))?;
+        st.head_io.bind_input("t", &st.t).map_err(ort_err("binding t"))?;
+        notify(self.g.observer.as_deref(), "head_step", || {
+            Ok(vec![f32_view("x_t", &st.x_t)?, f32_view("t", &st.t)?, f32_view("condition", &st.condition)?])
+        })?;
+        self.s.head.run_binding(&st.head_io).map_err(ort_err("head_step"))?;
+        read(&st.velocity, "velocity")
     }
 }

@@ -12,7 +12,7 @@ use spherear_core::schedule::{timestep_frequencies, TIME_FACTOR};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
+use crate::checkpoint;
 use crate::error::{Result, TrainError};
 use crate::layers::{linear_std, rope_tensor, RmsNorm, TransformerBlock, INIT_STD};
 use crate::vae::Vae;
@@ -313,11 +313,7 @@ impl ArModel {
         tensors: std::collections::BTreeMap<String, Tensor>,
         stage: &str,
     ) -> Result<()> {
-        let mut f = TensorFile { tensors, ..Default::default() };
-        f.metadata.insert("format".into(), WEIGHTS_FORMAT.into());
-        f.metadata.insert("stage".into(), stage.into());
-        f.metadata.insert("config".into(), self.config.to_json());
         self.config.save(&dir.join("config.json"))?;
-        checkpoint::save(&weights_path(dir), &f)
+        checkpoint::save_weights(&weights_path(dir), stage, &self.config, tensors)
     }
 }

@@ -1,11 +1,14 @@
 //! Checkpoint files: safetensors with string metadata, written atomically (temporary name, then rename).
 //!
-//! - `vae.safetensors` / `ar.safetensors`: model weights under the official key names, metadata
-//!   `format = spherear-weights-v1`, `stage`, `config` (the config JSON).
+//! - Weights files (`vae.safetensors`, `ar.safetensors` under the official key names, `judge.safetensors`):
+//!   metadata `format = spherear-weights-v1`, `stage`, `config` (the config JSON), all written by
+//!   [`save_weights`].
 //! - `train-<stage>.safetensors`: everything needed to resume: weights, optimizer moments
 //!   (`optim.m.<key>`, `optim.v.<key>`), EMA weights (`ema.<key>`) where the stage keeps them, and
 //!   metadata `format = spherear-train-v1`, `stage`, `step`, `total_steps`, `config`, and what the run
-//!   was made from (`data_sha256`, `data_limit`, `vae_sha256`: see [`crate::identity`]).
+//!   was made from (`data_sha256`, `data_limit`, `vae_sha256`: see [`crate::identity`]); written by
+//!   [`save_train`], read by [`load_train`] and [`read_train_header`], for every stage's config type
+//!   ([`StageConfig`]: [`ModelConfig`] for vae and ar, [`JudgeConfig`] for the judge).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -13,10 +16,12 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use spherear_core::fsutil;
+use spherear_core::judge::JudgeConfig;
 use spherear_core::ModelConfig;
 use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
 
 pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
 pub const TRAIN_FORMAT: &str = "spherear-train-v1";
@@ -37,9 +42,71 @@ impl TensorFile {
         self.metadata.get(key).map(|s| s.as_str()).ok_or_else(|| ck_err(path, format!("metadata '{key}' missing")))
     }
 
-    /// The config stored in the metadata.
+    /// The model config stored in the metadata.
     pub fn config(&self, path: &Path) -> Result<ModelConfig> {
-        ModelConfig::from_json(self.meta(path, "config")?).map_err(|e| ck_err(path, e.to_string()))
+        self.stage_config(path)
+    }
+
+    /// The config of any stage stored in the metadata.
+    pub fn stage_config<C: StageConfig>(&self, path: &Path) -> Result<C> {
+        C::from_metadata(path, self.meta(path, "config")?)
+    }
+}
+
+/// A stage's config as checkpoints store it (metadata `config`) and as a run folder holds it
+/// (`config.json`, `judge-config.json`).
+pub trait StageConfig: Sized {
+    /// The JSON stored in the metadata.
+    fn metadata_json(&self) -> String;
+    /// Parses the metadata `json` of the file `path`.
+    fn from_metadata(path: &Path, json: &str) -> Result<Self>;
+    /// Errors (naming `path`) when `stored`, the config of a checkpoint of `stage` or of a run folder,
+    /// does not fit `wanted`, the one asked for.
+    fn check(path: &Path, stage: &str, stored: &Self, wanted: &Self) -> Result<()>;
+    /// Writes the run folder's config file atomically.
+    fn save_file(&self, path: &Path) -> Result<()>;
+}
+
+impl StageConfig for ModelConfig {
+    fn metadata_json(&self) -> String {
+        self.to_json()
+    }
+
+    fn from_metadata(path: &Path, json: &str) -> Result<Self> {
+        ModelConfig::from_json(json).map_err(|e| ck_err(path, e.to_string()))
+    }
+
+    /// For the VAE stage only the VAE part (and the preset name) must agree.
+    fn check(path: &Path, stage: &str, stored: &Self, wanted: &Self) -> Result<()> {
+        check_stage_config(path, stage, stored, wanted)
+    }
+
+    fn save_file(&self, path: &Path) -> Result<()> {
+        Ok(self.save(path)?)
+    }
+}
+
+impl StageConfig for JudgeConfig {
+    fn metadata_json(&self) -> String {
+        self.to_json()
+    }
+
+    fn from_metadata(path: &Path, json: &str) -> Result<Self> {
+        serde_json::from_str(json).map_err(|e| ck_err(path, format!("invalid judge config in the metadata: {e}")))
+    }
+
+    fn check(path: &Path, _stage: &str, stored: &Self, wanted: &Self) -> Result<()> {
+        if stored != wanted {
+            return Err(ck_err(
+                path,
+                format!("was made for judge config {stored:?} but {wanted:?} was asked for (use a new --out)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn save_file(&self, path: &Path) -> Result<()> {
+        Ok(self.save(path)?)
     }
 }
 
@@ -129,12 +196,8 @@ pub fn named_tensors(vs: &VarStore, prefix: &str) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, t)| (n, t.detach().copy())).collect()
 }
 
-/// Checks that a stored config matches the one asked for, naming both presets when they differ.
+/// Checks that a stored model config matches the one asked for, naming both presets when they differ.
 /// For the VAE stage only the VAE part (and the preset name) must agree.
-pub fn check_config(path: &Path, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
-    check_stage_config(path, "ar", stored, wanted)
-}
-
 pub fn check_stage_config(path: &Path, stage: &str, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
     let same = if stage == "vae" { stored.name == wanted.name && stored.same_vae(wanted) } else { stored == wanted };
     if !same {
@@ -149,13 +212,28 @@ pub fn check_stage_config(path: &Path, stage: &str, stored: &ModelConfig, wanted
     Ok(())
 }
 
+/// Writes a weights file: `tensors` with the metadata `format` ([`WEIGHTS_FORMAT`]), `stage` and
+/// `config` (its JSON).
+pub fn save_weights<C: StageConfig>(
+    path: &Path,
+    stage: &str,
+    config: &C,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let mut f = TensorFile { tensors, ..Default::default() };
+    f.metadata.insert("format".into(), WEIGHTS_FORMAT.into());
+    f.metadata.insert("stage".into(), stage.into());
+    f.metadata.insert("config".into(), config.metadata_json());
+    save(path, &f)
+}
+
 /// Writes a resumable training checkpoint of `stage` at `step`; `extra` is added to the metadata.
-pub fn save_train(
+pub fn save_train<C: StageConfig>(
     path: &Path,
     stage: &str,
     step: usize,
     total: usize,
-    config: &ModelConfig,
+    config: &C,
     tensors: BTreeMap<String, Tensor>,
     extra: &HashMap<String, String>,
 ) -> Result<()> {
@@ -164,12 +242,12 @@ pub fn save_train(
     f.metadata.insert("stage".into(), stage.into());
     f.metadata.insert("step".into(), step.to_string());
     f.metadata.insert("total_steps".into(), total.to_string());
-    f.metadata.insert("config".into(), config.to_json());
+    f.metadata.insert("config".into(), config.metadata_json());
     save(path, &f)
 }
 
 /// Reads a training checkpoint of `stage` made for `config`, if one exists: (step, file).
-pub fn load_train(path: &Path, stage: &str, config: &ModelConfig) -> Result<Option<(usize, TensorFile)>> {
+pub fn load_train<C: StageConfig>(path: &Path, stage: &str, config: &C) -> Result<Option<(usize, TensorFile)>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -177,9 +255,37 @@ pub fn load_train(path: &Path, stage: &str, config: &ModelConfig) -> Result<Opti
     if file.meta(path, "format")? != TRAIN_FORMAT || file.meta(path, "stage")? != stage {
         return Err(ck_err(path, format!("is not a {stage} training checkpoint")));
     }
-    check_stage_config(path, stage, &file.config(path)?, config)?;
+    C::check(path, stage, &file.stage_config(path)?, config)?;
     let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
     Ok(Some((step, file)))
+}
+
+/// The variables of `vs` under `prefix` and the moments of `opt`: what a checkpoint of a stage without
+/// EMA holds.
+pub fn train_tensors(vs: &VarStore, prefix: &str, opt: &AdamW) -> BTreeMap<String, Tensor> {
+    let mut tensors = named_tensors(vs, prefix);
+    tensors.extend(opt.state());
+    tensors
+}
+
+/// Restores what [`train_tensors`] saved, from the checkpoint `path` at `step`: the variables of `vs`
+/// under `prefix` (every one present with its shape) and the moments of `opt`.
+pub fn restore_train(
+    vs: &VarStore,
+    prefix: &str,
+    opt: &mut AdamW,
+    file: &TensorFile,
+    step: usize,
+    path: &Path,
+) -> Result<()> {
+    let weights: BTreeMap<String, Tensor> = file
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optim."))
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    load_into(vs, &weights, prefix, &format!("checkpoint {}", path.display()))?;
+    opt.load_state(&file.tensors, step as i64).map_err(|msg| ck_err(path, msg))
 }
 
 /// The string metadata of a safetensors file, read from its header only (no tensor data).
@@ -212,10 +318,10 @@ pub struct TrainHeader {
 }
 
 impl TrainHeader {
-    /// The model config stored in the metadata.
-    pub fn config(&self, path: &Path) -> Result<ModelConfig> {
+    /// The config stored in the metadata.
+    pub fn config<C: StageConfig>(&self, path: &Path) -> Result<C> {
         let text = self.metadata.get("config").ok_or_else(|| ck_err(path, "metadata 'config' missing"))?;
-        ModelConfig::from_json(text).map_err(|e| ck_err(path, e.to_string()))
+        C::from_metadata(path, text)
     }
 }
 

@@ -10,11 +10,11 @@
 //! `--limit` is an error (`--force` starts the stage afresh), so the cached latents, the transformer and
 //! the VAE shipped in `ar.safetensors` always belong together.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use spherear_core::data::{self, DataSource, Shuffler, Split};
+use spherear_core::data::{self, DataSource, Split};
 use spherear_core::validate::in_range;
 use spherear_core::ModelConfig;
 use tch::{Kind, Tensor};
@@ -23,11 +23,16 @@ use crate::ar::ArModel;
 use crate::checkpoint::{self, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::{self, batch_tensor, VaeModel};
-use crate::fitloop::{self, FitSummary, TrainArgs};
-use crate::identity::{self, DataIdentity, VAE_SHA256};
+use crate::fitloop::{self, FitSummary, Plan, Stage, StageFiles, TrainArgs};
+use crate::identity::{self, DataIdentity, RunIdentity};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress;
 use crate::psd::PowerSpherical;
+
+/// Loop settings of the AR stage unless given.
+pub const TRAIN_DEFAULTS: TrainArgs = TrainArgs::DEFAULT;
+/// EMA decay of the shipped weights unless given.
+pub const DEFAULT_EMA_DECAY: f64 = 0.999;
 
 /// Settings of the AR stage.
 #[derive(Debug, Clone)]
@@ -44,7 +49,7 @@ pub struct ArFitArgs {
 
 impl ArFitArgs {
     pub fn new(vae: PathBuf, preset: &str, data: DataSource, out: PathBuf) -> Self {
-        ArFitArgs { vae, preset: preset.to_string(), data, out, train: TrainArgs::new(2000), ema_decay: 0.999 }
+        ArFitArgs { vae, preset: preset.to_string(), data, out, train: TRAIN_DEFAULTS, ema_decay: DEFAULT_EMA_DECAY }
     }
 
     /// Checks every value (the messages name the command-line flags).
@@ -55,13 +60,12 @@ impl ArFitArgs {
     }
 }
 
-/// The AR stage's own files in a run folder (what `--force` removes).
-pub const STAGE_FILES: [&str; 4] = ["train-ar.safetensors", "latents.safetensors", "ar.safetensors", "ar-metrics.json"];
-
 /// The latents cache of a run folder.
 pub fn latents_path(out: &Path) -> PathBuf {
-    out.join("latents.safetensors")
+    out.join(LATENTS_FILE)
 }
+
+const LATENTS_FILE: &str = "latents.safetensors";
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ArFitReport {
@@ -192,42 +196,6 @@ impl ArTrainer {
         labels.where_self(&drop.logical_not(), &labels.full_like(self.model.config.null_class() as i64))
     }
 
-    fn train_tensors(&self) -> BTreeMap<String, Tensor> {
-        let mut t: BTreeMap<String, Tensor> =
-            checkpoint::named_tensors(&self.model.vs, "").into_iter().filter(|(n, _)| is_ar_key(n)).collect();
-        t.extend(self.opt.state());
-        t.extend(self.ema.iter().map(|(n, e)| (format!("ema.{n}"), e.shallow_clone())));
-        t
-    }
-
-    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()> {
-        let what = format!("checkpoint {}", path.display());
-        for (name, var) in self.model.vs.variables().into_iter().filter(|(n, _)| is_ar_key(n)) {
-            let src = file.tensors.get(&name).ok_or_else(|| TrainError::Mismatch(format!("{what} lacks {name}")))?;
-            let ema = file
-                .tensors
-                .get(&format!("ema.{name}"))
-                .ok_or_else(|| TrainError::Mismatch(format!("{what} lacks ema.{name}")))?;
-            if src.size() != var.size() || ema.size() != var.size() {
-                return Err(TrainError::Mismatch(format!(
-                    "{what}: {name} has shape {:?}, expected {:?}",
-                    src.size(),
-                    var.size()
-                )));
-            }
-            tch::no_grad(|| {
-                let mut v = var.shallow_clone();
-                v.copy_(src);
-            });
-            if let Some(e) = self.ema.get_mut(&name) {
-                tch::no_grad(|| e.copy_(ema));
-            }
-        }
-        self.opt
-            .load_state(&file.tensors, step as i64)
-            .map_err(|msg| TrainError::Checkpoint { path: path.display().to_string(), msg })
-    }
-
     /// The official-layout weights to ship: EMA AR weights + the VAE.
     pub fn export_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut t = checkpoint::named_tensors(&self.model.vs, "vae.");
@@ -237,7 +205,7 @@ impl ArTrainer {
 }
 
 pub fn train_ckpt_path(out: &Path) -> PathBuf {
-    out.join("train-ar.safetensors")
+    out.join(ArStage::FILES.checkpoint)
 }
 
 /// The number of classes of the training data, checked against the preset (before any work: an extra
@@ -258,105 +226,147 @@ fn check_class_count(data: &DataSource, config: &ModelConfig) -> Result<()> {
 /// Trains (or resumes) the AR stage.
 ///
 /// Before any work: the values, the VAE run and the preset, the class count of the data, and the run's
-/// earlier state ([`fitloop::previous_run`]: a finished stage returns at once with `already_finished`
-/// and touches no file; a checkpoint made with another VAE, data or `--limit` is an error). With `force`
-/// the stage's files ([`STAGE_FILES`]) are removed and it starts afresh.
+/// earlier state ([`fitloop::fit`]: a finished stage returns at once with `already_finished` and touches
+/// no file; a checkpoint made with another VAE, data or `--limit` is an error). With `force` the stage's
+/// files ([`ArStage::FILES`]) are removed and it starts afresh.
 pub fn fit_ar(args: &ArFitArgs, stop: &AtomicBool) -> Result<ArFitReport> {
-    let ta = &args.train;
-    args.validate()?;
-    let vae_file = fit_vae::weights_path(&args.vae);
-    if !vae_file.exists() {
-        return Err(TrainError::Checkpoint {
-            path: vae_file.display().to_string(),
-            msg: "not found: train the VAE first (trainer fit --stage vae)".into(),
-        });
-    }
-    let vae = VaeModel::load(&vae_file, None)?;
-    let config = ModelConfig::preset(&args.preset)?;
-    if !config.same_vae(&vae.config) {
-        return Err(TrainError::Checkpoint {
-            path: vae_file.display().to_string(),
-            msg: format!(
-                "its VAE (preset '{}') differs from the VAE of preset '{}' (image size, patch, latent or VAE widths)",
-                vae.config.name, config.name
-            ),
-        });
-    }
-    let cfg_path = args.out.join("config.json");
-    if cfg_path.exists() {
-        checkpoint::check_stage_config(&cfg_path, "vae", &ModelConfig::load(&cfg_path)?, &config)?;
-    }
-    check_class_count(&args.data, &config)?;
-    let vae_sha = identity::file_sha256(&vae_file)?;
-    let data_id = DataIdentity::of(&args.data, ta.limit)?;
-    let (ckpt, weights) = (train_ckpt_path(&args.out), crate::ar::weights_path(&args.out));
-    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, "ar")? };
-    let mut changes = Vec::new();
-    if let Some(h) = &header {
-        checkpoint::check_stage_config(&ckpt, "ar", &h.config(&ckpt)?, &config)?;
-        if let Some(old) = h.metadata.get(VAE_SHA256).filter(|old| **old != vae_sha) {
-            changes.push(format!(
-                "the VAE differs ({} has sha256 {}, the run was trained with {})",
-                vae_file.display(),
-                identity::short(&vae_sha),
-                identity::short(old)
-            ));
-        }
-        changes.extend(data_id.changes(&h.metadata));
-    }
-    if let Some(run) = fitloop::previous_run("ar", &ckpt, &weights, header.as_ref(), &changes, ta)? {
-        return Ok(ArFitReport { run, latent_seconds: 0.0 });
-    }
-    if ta.force {
-        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
-    let mut meta = HashMap::from([(VAE_SHA256.to_string(), vae_sha.clone())]);
-    data_id.record(&mut meta);
-    let t_lat = std::time::Instant::now();
-    let stamp = format!("vae sha256 {vae_sha}, {}", data_id.stamp());
-    let latents = encode_dataset(&vae, &stamp, args, &latents_path(&args.out))?;
-    let latent_seconds = t_lat.elapsed().as_secs_f64();
+    fitloop::fit::<ArStage>(args, stop)
+}
 
-    tch::manual_seed(ta.seed as i64);
-    let mut tr = ArTrainer::new(&config, Some(&vae))?;
-    let mut start = 0;
-    if let Some((step, file)) = checkpoint::load_train(&ckpt, "ar", &config)? {
-        tr.restore(&file, step, &ckpt)?;
-        start = step;
-        eprintln!("resuming AR training from step {start} ({})", ckpt.display());
+/// The AR stage for [`fitloop::fit`]: the trainer and the cached latents.
+pub struct ArStage {
+    args: ArFitArgs,
+    tr: ArTrainer,
+    latents: Latents,
+    latent_seconds: f64,
+    /// Smoothed loss, for the progress message.
+    smooth: Option<f64>,
+}
+
+impl Stage for ArStage {
+    const NAME: &'static str = "ar";
+    const TITLE: &'static str = "AR";
+    const FILES: StageFiles = StageFiles {
+        checkpoint: "train-ar.safetensors",
+        weights: "ar.safetensors",
+        metrics: "ar-metrics.json",
+        others: &[LATENTS_FILE],
+    };
+    type Config = ModelConfig;
+    type Args = ArFitArgs;
+    /// The frozen VAE.
+    type Checked = VaeModel;
+    /// Nothing: the data is encoded (or the cache read) once the folder exists.
+    type Loaded = ();
+    type Report = ArFitReport;
+
+    fn plan(args: &ArFitArgs) -> Result<(Plan<'_, ModelConfig>, VaeModel)> {
+        args.validate()?;
+        let vae_file = fit_vae::weights_path(&args.vae);
+        if !vae_file.exists() {
+            return Err(TrainError::Checkpoint {
+                path: vae_file.display().to_string(),
+                msg: "not found: train the VAE first (trainer fit --stage vae)".into(),
+            });
+        }
+        let vae = VaeModel::load(&vae_file, None)?;
+        let config = ModelConfig::preset(&args.preset)?;
+        if !config.same_vae(&vae.config) {
+            return Err(TrainError::Checkpoint {
+                path: vae_file.display().to_string(),
+                msg: format!(
+                    "its VAE (preset '{}') differs from the VAE of preset '{}' (image size, patch, latent or VAE widths)",
+                    vae.config.name, config.name
+                ),
+            });
+        }
+        fit_vae::check_run_folder(&args.out, &config)?;
+        check_class_count(&args.data, &config)?;
+        let vae_sha = identity::file_sha256(&vae_file)?;
+        let data = DataIdentity::of(&args.data, args.train.limit)?;
+        let identity = RunIdentity { data, vae: Some((vae_file, vae_sha)) };
+        // config.json is written with the weights (ArModel::save_tensors).
+        Ok((Plan { out: &args.out, train: &args.train, config, identity, config_file: None }, vae))
     }
-    let mut shuffler = Shuffler::with_position(latents.len(), ta.seed, (start * ta.batch) as u64);
-    let radius = config.radius() as f64;
-    let p_drop = config.ar.class_dropout;
-    let mut smooth = None::<f64>;
-    let tr_cell = std::cell::RefCell::new(&mut tr);
-    let outcome = fitloop::run(
-        "ar",
-        start,
-        ta,
-        stop,
-        |step| {
-            let mut tr = tr_cell.borrow_mut();
-            let (z, labels) = latents.sample(&shuffler.next_batch(ta.batch), radius);
-            let labels = tr.drop_labels(&labels, p_drop);
-            let lr = ta.lr_at(step);
-            let loss = tr.step(&z, &labels, lr, ta.clip, args.ema_decay);
-            let sm = smooth.map_or(loss, |v| 0.98 * v + 0.02 * loss);
-            smooth = Some(sm);
-            Ok((loss, format!("loss {loss:.4} (avg {sm:.4}) lr {lr:.1e}")))
-        },
-        |step| {
-            let tr = tr_cell.borrow();
-            checkpoint::save_train(&ckpt, "ar", step, ta.steps, &config, tr.train_tensors(), &meta)
-        },
-    )?;
-    let report = ArFitReport { run: FitSummary::new(start, ta.steps, &outcome), latent_seconds };
-    if !report.run.interrupted {
-        tr.model.save_tensors(&args.out, tr.export_tensors(), "ar")?;
-        let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
-        spherear_core::fsutil::write_atomic(&args.out.join("ar-metrics.json"), json.as_bytes())?;
+
+    fn finished(_: &ArFitArgs, _: &Plan<'_, ModelConfig>, run: FitSummary) -> ArFitReport {
+        ArFitReport { run, latent_seconds: 0.0 }
     }
-    Ok(report)
+
+    fn load(_: &ArFitArgs, _: &Plan<'_, ModelConfig>) -> Result<()> {
+        Ok(())
+    }
+
+    fn build(args: &ArFitArgs, plan: &Plan<'_, ModelConfig>, vae: VaeModel, _: ()) -> Result<Self> {
+        let t_lat = std::time::Instant::now();
+        let vae_sha = plan.identity.vae.as_ref().map_or("", |(_, sha)| sha.as_str());
+        let stamp = format!("vae sha256 {vae_sha}, {}", plan.identity.data.stamp());
+        let latents = encode_dataset(&vae, &stamp, args, &latents_path(&args.out))?;
+        let latent_seconds = t_lat.elapsed().as_secs_f64();
+        let tr = ArTrainer::new(&plan.config, Some(&vae))?;
+        Ok(ArStage { args: args.clone(), tr, latents, latent_seconds, smooth: None })
+    }
+
+    fn examples(&self) -> usize {
+        self.latents.len()
+    }
+
+    fn step(&mut self, step: usize, batch: &[usize]) -> Result<(f64, String)> {
+        let (a, cfg) = (&self.args, &self.tr.model.config);
+        let (z, labels) = self.latents.sample(batch, cfg.radius() as f64);
+        let labels = self.tr.drop_labels(&labels, cfg.ar.class_dropout);
+        let lr = a.train.lr_at(step);
+        let loss = self.tr.step(&z, &labels, lr, a.train.clip, a.ema_decay);
+        let sm = self.smooth.map_or(loss, |v| 0.98 * v + 0.02 * loss);
+        self.smooth = Some(sm);
+        Ok((loss, format!("loss {loss:.4} (avg {sm:.4}) lr {lr:.1e}")))
+    }
+
+    /// The AR weights, the AdamW moments and the EMA (`ema.*`).
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        let tr = &self.tr;
+        let mut t: BTreeMap<String, Tensor> =
+            checkpoint::named_tensors(&tr.model.vs, "").into_iter().filter(|(n, _)| is_ar_key(n)).collect();
+        t.extend(tr.opt.state());
+        t.extend(tr.ema.iter().map(|(n, e)| (format!("ema.{n}"), e.shallow_clone())));
+        t
+    }
+
+    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()> {
+        let (tr, what) = (&mut self.tr, format!("checkpoint {}", path.display()));
+        for (name, var) in tr.model.vs.variables().into_iter().filter(|(n, _)| is_ar_key(n)) {
+            let src = file.tensors.get(&name).ok_or_else(|| TrainError::Mismatch(format!("{what} lacks {name}")))?;
+            let ema = file
+                .tensors
+                .get(&format!("ema.{name}"))
+                .ok_or_else(|| TrainError::Mismatch(format!("{what} lacks ema.{name}")))?;
+            if src.size() != var.size() || ema.size() != var.size() {
+                return Err(TrainError::Mismatch(format!(
+                    "{what}: {name} has shape {:?}, expected {:?}",
+                    src.size(),
+                    var.size()
+                )));
+            }
+            tch::no_grad(|| {
+                let mut v = var.shallow_clone();
+                v.copy_(src);
+            });
+            if let Some(e) = tr.ema.get_mut(&name) {
+                tch::no_grad(|| e.copy_(ema));
+            }
+        }
+        tr.opt
+            .load_state(&file.tensors, step as i64)
+            .map_err(|msg| TrainError::Checkpoint { path: path.display().to_string(), msg })
+    }
+
+    fn report(&self, run: FitSummary) -> ArFitReport {
+        ArFitReport { run, latent_seconds: self.latent_seconds }
+    }
+
+    /// Writes `ar.safetensors` (the EMA weights + the VAE) and `config.json` beside it.
+    fn finish(&mut self, run: FitSummary, _weights: &Path) -> Result<ArFitReport> {
+        self.tr.model.save_tensors(&self.args.out, self.tr.export_tensors(), Self::NAME)?;
+        Ok(self.report(run))
+    }
 }

@@ -5,32 +5,28 @@
 //! the data identity, see [`crate::identity`]), `judge.safetensors` (the weights) and
 //! `judge-metrics.json` (the loop summary + `test_accuracy`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use rand_chacha::ChaCha8Rng;
-use spherear_core::data::{self, DataSource, Dataset, Shuffler, Split};
+use spherear_core::data::{self, DataSource, Dataset, Split};
 use spherear_core::judge::{
     JudgeConfig, JUDGE_CONFIG_FILE, JUDGE_METRICS_FILE, JUDGE_STAGE, JUDGE_TRAIN_FILE, JUDGE_WEIGHTS_FILE,
 };
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::{self, TensorFile, TRAIN_FORMAT};
+use crate::checkpoint::{self, StageConfig, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::batch_tensor;
-use crate::fitloop::{self, FitSummary, TrainArgs};
-use crate::identity::DataIdentity;
+use crate::fitloop::{self, FitSummary, Plan, Stage, StageFiles, TrainArgs};
+use crate::identity::{DataIdentity, RunIdentity};
 use crate::judge::JudgeModel;
 use crate::optim::{AdamW, AdamWConfig};
 
-/// Default optimisation steps of the judge stage (with [`DEFAULT_BATCH`]: 1.6 epochs of Fashion-MNIST;
-/// measured: 91.5 % test accuracy after ~125 s of training on 2 CPU cores).
-pub const DEFAULT_STEPS: usize = 1500;
-/// Default images per step of the judge stage.
-pub const DEFAULT_BATCH: usize = 64;
-/// Default peak learning rate of the judge stage.
-pub const DEFAULT_LR: f64 = 2e-3;
+/// Loop settings of the judge stage unless given: 1500 steps of 64 images (1.6 epochs of Fashion-MNIST;
+/// measured: 91.5 % test accuracy after ~125 s of training on 2 CPU cores), peak learning rate 2e-3.
+pub const TRAIN_DEFAULTS: TrainArgs = TrainArgs { steps: 1500, batch: 64, lr: 2e-3, ..TrainArgs::DEFAULT };
 
 /// Settings of the judge stage.
 #[derive(Debug, Clone)]
@@ -48,10 +44,7 @@ pub struct JudgeFitArgs {
 
 impl JudgeFitArgs {
     pub fn new(data: DataSource, out: PathBuf, image_size: usize) -> Self {
-        let mut train = TrainArgs::new(DEFAULT_STEPS);
-        train.batch = DEFAULT_BATCH;
-        train.lr = DEFAULT_LR;
-        JudgeFitArgs { data, out, image_size, train, flip: false, eval_images: None }
+        JudgeFitArgs { data, out, image_size, train: TRAIN_DEFAULTS, flip: false, eval_images: None }
     }
 
     /// Checks every value (the messages name the command-line flags).
@@ -63,9 +56,6 @@ impl JudgeFitArgs {
         Ok(())
     }
 }
-
-/// The judge stage's own files in its run folder (what `--force` removes).
-pub const STAGE_FILES: [&str; 4] = [JUDGE_CONFIG_FILE, JUDGE_TRAIN_FILE, JUDGE_WEIGHTS_FILE, JUDGE_METRICS_FILE];
 
 /// What a finished (or interrupted) run reports; also `judge-metrics.json`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -124,163 +114,132 @@ pub fn accuracy(m: &JudgeModel, ds: &Dataset) -> f64 {
 }
 
 pub fn train_ckpt_path(out: &Path) -> PathBuf {
-    out.join(JUDGE_TRAIN_FILE)
+    out.join(JudgeStage::FILES.checkpoint)
 }
 
 pub fn weights_path(out: &Path) -> PathBuf {
-    out.join(JUDGE_WEIGHTS_FILE)
-}
-
-fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
-    TrainError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
-}
-
-fn save_train_state(
-    path: &Path,
-    m: &JudgeModel,
-    opt: &AdamW,
-    step: usize,
-    total: usize,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
-    let mut tensors = m.weights();
-    tensors.extend(opt.state());
-    let mut f = TensorFile { tensors, metadata: meta.clone() };
-    f.metadata.insert("format".into(), TRAIN_FORMAT.into());
-    f.metadata.insert("stage".into(), JUDGE_STAGE.into());
-    f.metadata.insert("step".into(), step.to_string());
-    f.metadata.insert("total_steps".into(), total.to_string());
-    f.metadata.insert("config".into(), m.config.to_json());
-    checkpoint::save(path, &f)
-}
-
-/// Reads a judge training checkpoint made for `config`, if one exists: (step, file).
-fn load_train(path: &Path, config: &JudgeConfig) -> Result<Option<(usize, TensorFile)>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let file = checkpoint::load(path)?;
-    if file.meta(path, "format")? != TRAIN_FORMAT || file.meta(path, "stage")? != JUDGE_STAGE {
-        return Err(ck_err(path, "is not a judge training checkpoint"));
-    }
-    check_config(path, &stored_config(path, file.meta(path, "config")?)?, config)?;
-    let step = file.meta(path, "step")?.parse().map_err(|_| ck_err(path, "metadata 'step' is not a number"))?;
-    Ok(Some((step, file)))
-}
-
-fn stored_config(path: &Path, json: &str) -> Result<JudgeConfig> {
-    serde_json::from_str(json).map_err(|e| ck_err(path, format!("invalid judge config in the metadata: {e}")))
-}
-
-fn check_config(path: &Path, stored: &JudgeConfig, wanted: &JudgeConfig) -> Result<()> {
-    if stored != wanted {
-        return Err(ck_err(
-            path,
-            format!("was made for judge config {stored:?} but {wanted:?} was asked for (use a new --out)"),
-        ));
-    }
-    Ok(())
+    out.join(JudgeStage::FILES.weights)
 }
 
 /// Trains (or resumes) the judge; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
 ///
 /// Before any work: the values, the class counts of both splits (listed, not decoded), the judge config
-/// against the run folder, and the run's earlier state ([`fitloop::previous_run`]: a finished stage
-/// returns at once with `already_finished` and touches no file; a checkpoint made from other data is an
-/// error). With `force` the stage's files ([`STAGE_FILES`], its config included) are removed and it
+/// against the run folder, and the run's earlier state ([`fitloop::fit`]: a finished stage returns at
+/// once with `already_finished` and touches no file; a checkpoint made from other data is an error).
+/// With `force` the stage's files ([`JudgeStage::FILES`], its config included) are removed and it
 /// starts afresh.
 pub fn fit_judge(args: &JudgeFitArgs, stop: &AtomicBool) -> Result<JudgeFitReport> {
-    let ta = &args.train;
-    args.validate()?;
-    let classes = data::num_classes(&args.data, Split::Train)?;
-    let test_classes = data::num_classes(&args.data, Split::Test)?;
-    if classes != test_classes {
-        return Err(TrainError::Mismatch(format!(
-            "the train split has {classes} classes but the test split {test_classes}"
-        )));
-    }
-    let config = JudgeConfig::default_for(args.image_size, classes);
-    config.validate()?;
-    let cfg_path = args.out.join(JUDGE_CONFIG_FILE);
-    if cfg_path.exists() && !ta.force {
-        check_config(&cfg_path, &JudgeConfig::load(&cfg_path)?, &config)?;
-    }
-    let data_id = DataIdentity::of(&args.data, ta.limit)?;
-    let (ckpt, weights) = (train_ckpt_path(&args.out), weights_path(&args.out));
-    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, JUDGE_STAGE)? };
-    if let Some(h) = &header {
-        let json = h.metadata.get("config").ok_or_else(|| ck_err(&ckpt, "metadata 'config' missing"))?;
-        check_config(&ckpt, &stored_config(&ckpt, json)?, &config)?;
-    }
-    let changes = header.as_ref().map(|h| data_id.changes(&h.metadata)).unwrap_or_default();
-    if let Some(run) = fitloop::previous_run(JUDGE_STAGE, &ckpt, &weights, header.as_ref(), &changes, ta)? {
-        let dataset = dataset_name(&args.data);
-        return Ok(JudgeFitReport { run, test_accuracy: None, test_images: 0, train_images: 0, dataset, config });
-    }
-    let train = data::load(&args.data, Split::Train, args.image_size, ta.limit)?;
-    let test = data::load(&args.data, Split::Test, args.image_size, args.eval_images)?;
-    if ta.force {
-        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
-    if !cfg_path.exists() {
-        config.save(&cfg_path)?;
-    }
-    let mut meta = HashMap::new();
-    data_id.record(&mut meta);
+    fitloop::fit::<JudgeStage>(args, stop)
+}
 
-    tch::manual_seed(ta.seed as i64);
-    let m = JudgeModel::new(&config)?;
-    let mut opt = AdamW::new(&m.vs, |_| true, AdamWConfig::default());
-    let mut start = 0usize;
-    if let Some((step, file)) = load_train(&ckpt, &config)? {
-        start = step;
-        let weights: BTreeMap<String, Tensor> = file
-            .tensors
-            .iter()
-            .filter(|(k, _)| !k.starts_with("optim."))
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect();
-        checkpoint::load_into(&m.vs, &weights, "", &format!("checkpoint {}", ckpt.display()))?;
-        opt.load_state(&file.tensors, start as i64).map_err(|msg| ck_err(&ckpt, msg))?;
-        eprintln!("resuming judge training from step {start} ({})", ckpt.display());
-    }
+/// The judge stage for [`fitloop::fit`]: model, optimizer, the training and test images.
+pub struct JudgeStage {
+    args: JudgeFitArgs,
+    m: JudgeModel,
+    opt: AdamW,
+    train: Dataset,
+    test: Dataset,
+    /// Smoothed batch accuracy, for the progress message.
+    smooth: Option<f64>,
+}
 
-    let mut shuffler = Shuffler::with_position(train.len(), ta.seed, (start * ta.batch) as u64);
-    let mut smooth = None::<f64>;
-    let opt = std::cell::RefCell::new(opt);
-    let outcome = fitloop::run(
-        "judge",
-        start,
-        ta,
-        stop,
-        |step| {
-            let idx = shuffler.next_batch(ta.batch);
-            let mut flip_rng = args.flip.then(|| fitloop::step_rng(ta.seed, step));
-            let (x, y) = batch(&train, &idx, flip_rng.as_mut());
-            let lr = ta.lr_at(step);
-            let (loss, acc) = train_step(&m, &mut opt.borrow_mut(), &x, &y, ta.clip, lr);
-            let sm = smooth.map_or(acc, |v| 0.95 * v + 0.05 * acc);
-            smooth = Some(sm);
-            Ok((loss, format!("loss {loss:.4} acc ~{:.1}% lr {lr:.1e}", 100.0 * sm)))
-        },
-        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps, &meta),
-    )?;
-    let mut report = JudgeFitReport {
-        run: FitSummary::new(start, ta.steps, &outcome),
-        test_accuracy: None,
-        test_images: test.len(),
-        train_images: train.len(),
-        dataset: dataset_name(&args.data),
-        config: config.clone(),
+impl JudgeStage {
+    fn report_with(&self, run: FitSummary, test_accuracy: Option<f64>) -> JudgeFitReport {
+        JudgeFitReport {
+            run,
+            test_accuracy,
+            test_images: self.test.len(),
+            train_images: self.train.len(),
+            dataset: dataset_name(&self.args.data),
+            config: self.m.config.clone(),
+        }
+    }
+}
+
+impl Stage for JudgeStage {
+    const NAME: &'static str = JUDGE_STAGE;
+    const TITLE: &'static str = JUDGE_STAGE;
+    /// The judge's config file is its own (removed by `--force`, then written afresh).
+    const FILES: StageFiles = StageFiles {
+        checkpoint: JUDGE_TRAIN_FILE,
+        weights: JUDGE_WEIGHTS_FILE,
+        metrics: JUDGE_METRICS_FILE,
+        others: &[JUDGE_CONFIG_FILE],
     };
-    if outcome.interrupted {
-        return Ok(report);
+    type Config = JudgeConfig;
+    type Args = JudgeFitArgs;
+    type Checked = ();
+    /// The training and test images.
+    type Loaded = (Dataset, Dataset);
+    type Report = JudgeFitReport;
+
+    fn plan(args: &JudgeFitArgs) -> Result<(Plan<'_, JudgeConfig>, ())> {
+        args.validate()?;
+        let classes = data::num_classes(&args.data, Split::Train)?;
+        let test_classes = data::num_classes(&args.data, Split::Test)?;
+        if classes != test_classes {
+            return Err(TrainError::Mismatch(format!(
+                "the train split has {classes} classes but the test split {test_classes}"
+            )));
+        }
+        let config = JudgeConfig::default_for(args.image_size, classes);
+        config.validate()?;
+        let cfg_path = args.out.join(JUDGE_CONFIG_FILE);
+        if cfg_path.exists() && !args.train.force {
+            JudgeConfig::check(&cfg_path, Self::NAME, &JudgeConfig::load(&cfg_path)?, &config)?;
+        }
+        let identity = RunIdentity::data(DataIdentity::of(&args.data, args.train.limit)?);
+        let plan = Plan { out: &args.out, train: &args.train, config, identity, config_file: Some(JUDGE_CONFIG_FILE) };
+        Ok((plan, ()))
     }
-    m.save_weights(&weights_path(&args.out))?;
-    report.test_accuracy = Some(accuracy(&m, &test));
-    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
-    spherear_core::fsutil::write_atomic(&args.out.join(JUDGE_METRICS_FILE), json.as_bytes())?;
-    Ok(report)
+
+    fn finished(args: &JudgeFitArgs, plan: &Plan<'_, JudgeConfig>, run: FitSummary) -> JudgeFitReport {
+        let (dataset, config) = (dataset_name(&args.data), plan.config.clone());
+        JudgeFitReport { run, test_accuracy: None, test_images: 0, train_images: 0, dataset, config }
+    }
+
+    fn load(args: &JudgeFitArgs, _: &Plan<'_, JudgeConfig>) -> Result<(Dataset, Dataset)> {
+        let train = data::load(&args.data, Split::Train, args.image_size, args.train.limit)?;
+        Ok((train, data::load(&args.data, Split::Test, args.image_size, args.eval_images)?))
+    }
+
+    fn build(args: &JudgeFitArgs, plan: &Plan<'_, JudgeConfig>, _: (), loaded: (Dataset, Dataset)) -> Result<Self> {
+        let m = JudgeModel::new(&plan.config)?;
+        let opt = AdamW::new(&m.vs, |_| true, AdamWConfig::default());
+        let (train, test) = loaded;
+        Ok(JudgeStage { args: args.clone(), m, opt, train, test, smooth: None })
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn step(&mut self, step: usize, batch_idx: &[usize]) -> Result<(f64, String)> {
+        let ta = &self.args.train;
+        let mut flip_rng = self.args.flip.then(|| fitloop::step_rng(ta.seed, step));
+        let (x, y) = batch(&self.train, batch_idx, flip_rng.as_mut());
+        let lr = ta.lr_at(step);
+        let (loss, acc) = train_step(&self.m, &mut self.opt, &x, &y, ta.clip, lr);
+        let sm = self.smooth.map_or(acc, |v| 0.95 * v + 0.05 * acc);
+        self.smooth = Some(sm);
+        Ok((loss, format!("loss {loss:.4} acc ~{:.1}% lr {lr:.1e}", 100.0 * sm)))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        checkpoint::train_tensors(&self.m.vs, "", &self.opt)
+    }
+
+    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()> {
+        checkpoint::restore_train(&self.m.vs, "", &mut self.opt, file, step, path)
+    }
+
+    fn report(&self, run: FitSummary) -> JudgeFitReport {
+        self.report_with(run, None)
+    }
+
+    fn finish(&mut self, run: FitSummary, weights: &Path) -> Result<JudgeFitReport> {
+        self.m.save_weights(weights)?;
+        let acc = accuracy(&self.m, &self.test);
+        Ok(self.report_with(run, Some(acc)))
+    }
 }

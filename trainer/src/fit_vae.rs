@@ -3,26 +3,29 @@
 //! Not included, and why: the paper's perceptual (LPIPS/VGG) loss needs pretrained weights that cannot be
 //! fetched here, so it is left out rather than faked; the PatchGAN adversarial loss is not implemented yet.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use rand_chacha::ChaCha8Rng;
-use spherear_core::data::{self, DataSource, Dataset, Shuffler, Split};
+use spherear_core::data::{self, DataSource, Dataset, Split};
 use spherear_core::validate::{at_least, non_negative};
 use spherear_core::ModelConfig;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
-use crate::error::{Result, TrainError};
-use crate::fitloop::{self, FitSummary, TrainArgs};
-use crate::identity::DataIdentity;
+use crate::checkpoint::{self, StageConfig, TensorFile};
+use crate::error::Result;
+use crate::fitloop::{self, FitSummary, Plan, Stage, StageFiles, TrainArgs};
+use crate::identity::{DataIdentity, RunIdentity};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::vae::Vae;
 
-/// The VAE stage's own files in a run folder (what `--force` removes; `config.json` is shared with the
-/// AR stage and stays).
-pub const STAGE_FILES: [&str; 4] = ["train-vae.safetensors", "vae.safetensors", "vae-metrics.json", "vae-recon.png"];
+/// Loop settings of the VAE stage unless given.
+pub const TRAIN_DEFAULTS: TrainArgs = TrainArgs::DEFAULT;
+/// Weight of the KL term unless given.
+pub const DEFAULT_KL_WEIGHT: f64 = 0.004;
+/// Held-out images scored for PSNR unless given.
+pub const DEFAULT_EVAL_IMAGES: usize = 1000;
 
 /// Settings of the VAE stage.
 #[derive(Debug, Clone)]
@@ -43,10 +46,10 @@ impl VaeFitArgs {
             preset: preset.to_string(),
             data,
             out,
-            train: TrainArgs::new(2000),
-            kl_weight: 0.004,
+            train: TRAIN_DEFAULTS,
+            kl_weight: DEFAULT_KL_WEIGHT,
             flip: false,
-            eval_images: 1000,
+            eval_images: DEFAULT_EVAL_IMAGES,
         }
     }
 
@@ -106,11 +109,7 @@ impl VaeModel {
     }
 
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        let mut f = TensorFile { tensors: checkpoint::named_tensors(&self.vs, "vae."), ..Default::default() };
-        f.metadata.insert("format".into(), WEIGHTS_FORMAT.into());
-        f.metadata.insert("stage".into(), "vae".into());
-        f.metadata.insert("config".into(), self.config.to_json());
-        checkpoint::save(path, &f)
+        checkpoint::save_weights(path, VaeStage::NAME, &self.config, checkpoint::named_tensors(&self.vs, "vae."))
     }
 
     /// Reconstructs a batch [N, 3, H, W]; `sample` draws from the posterior, otherwise uses its mode.
@@ -150,119 +149,127 @@ pub fn batch_tensor(ds: &Dataset, idx: &[usize], flip: Option<&mut ChaCha8Rng>) 
 }
 
 pub fn train_ckpt_path(out: &Path) -> PathBuf {
-    out.join("train-vae.safetensors")
+    out.join(VaeStage::FILES.checkpoint)
 }
 
 pub fn weights_path(out: &Path) -> PathBuf {
-    out.join("vae.safetensors")
-}
-
-fn save_train_state(
-    path: &Path,
-    m: &VaeModel,
-    opt: &AdamW,
-    step: usize,
-    total: usize,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
-    let mut tensors = checkpoint::named_tensors(&m.vs, "vae.");
-    tensors.extend(opt.state());
-    checkpoint::save_train(path, "vae", step, total, &m.config, tensors, meta)
+    out.join(VaeStage::FILES.weights)
 }
 
 /// Resolves the run's config: an existing run folder fixes it (and must match the preset asked for).
 pub fn run_config(out: &Path, preset: &str) -> Result<ModelConfig> {
     let wanted = ModelConfig::preset(preset)?;
+    check_run_folder(out, &wanted)?;
+    Ok(wanted)
+}
+
+/// Checks the run folder's `config.json`, if there is one, against `wanted`: the preset name and the VAE
+/// part must agree (the VAE and AR stages share the folder).
+pub fn check_run_folder(out: &Path, wanted: &ModelConfig) -> Result<()> {
     let cfg_path = out.join("config.json");
     if cfg_path.exists() {
-        let stored = ModelConfig::load(&cfg_path)?;
-        checkpoint::check_stage_config(&cfg_path, "vae", &stored, &wanted)?;
+        ModelConfig::check(&cfg_path, VaeStage::NAME, &ModelConfig::load(&cfg_path)?, wanted)?;
     }
-    Ok(wanted)
+    Ok(())
 }
 
 /// Trains (or resumes) the VAE stage; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
 ///
 /// Before any work: the values, the preset against the run folder, the data, and the run's earlier state
-/// ([`fitloop::previous_run`]: a finished stage returns at once with `already_finished` and touches no
-/// file; a checkpoint made from other data is an error). With `force` the stage's files
-/// ([`STAGE_FILES`]) are removed and it starts afresh.
+/// ([`fitloop::fit`]: a finished stage returns at once with `already_finished` and touches no file; a
+/// checkpoint made from other data is an error). With `force` the stage's files
+/// ([`VaeStage::FILES`]) are removed and it starts afresh.
 pub fn fit_vae(args: &VaeFitArgs, stop: &AtomicBool) -> Result<VaeFitReport> {
-    let ta = &args.train;
-    args.validate()?;
-    let config = run_config(&args.out, &args.preset)?;
-    let data_id = DataIdentity::of(&args.data, ta.limit)?;
-    let (ckpt, weights) = (train_ckpt_path(&args.out), weights_path(&args.out));
-    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, "vae")? };
-    if let Some(h) = &header {
-        checkpoint::check_stage_config(&ckpt, "vae", &h.config(&ckpt)?, &config)?;
-    }
-    let changes = header.as_ref().map(|h| data_id.changes(&h.metadata)).unwrap_or_default();
-    if let Some(run) = fitloop::previous_run("vae", &ckpt, &weights, header.as_ref(), &changes, ta)? {
-        return Ok(VaeFitReport { run, psnr_mode_db: None, psnr_sample_db: None });
-    }
-    let train = data::load(&args.data, Split::Train, config.image_size, ta.limit)?;
-    let held_out = data::load(&args.data, Split::Test, config.image_size, Some(args.eval_images))?;
-    if ta.force {
-        fitloop::remove_stage_files(&args.out, &STAGE_FILES)?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| TrainError::Io(format!("cannot create {}: {e}", args.out.display())))?;
-    let cfg_path = args.out.join("config.json");
-    if !cfg_path.exists() {
-        config.save(&cfg_path)?;
-    }
-    let mut meta = HashMap::new();
-    data_id.record(&mut meta);
+    fitloop::fit::<VaeStage>(args, stop)
+}
 
-    tch::manual_seed(ta.seed as i64);
-    let m = VaeModel::new(&config)?;
-    let mut opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
-    let mut start = 0usize;
-    if let Some((step, file)) = checkpoint::load_train(&ckpt, "vae", &config)? {
-        start = step;
-        checkpoint::load_into(&m.vs, &file.tensors, "vae.", &format!("checkpoint {}", ckpt.display()))?;
-        opt.load_state(&file.tensors, start as i64)
-            .map_err(|msg| TrainError::Checkpoint { path: ckpt.display().to_string(), msg })?;
-        eprintln!("resuming VAE training from step {start} ({})", ckpt.display());
+/// The VAE stage for [`fitloop::fit`]: model, optimizer, the training and held-out images.
+pub struct VaeStage {
+    args: VaeFitArgs,
+    m: VaeModel,
+    opt: AdamW,
+    train: Dataset,
+    held_out: Dataset,
+    /// Smoothed reconstruction loss, for the progress message.
+    smooth: Option<f64>,
+}
+
+impl Stage for VaeStage {
+    const NAME: &'static str = "vae";
+    const TITLE: &'static str = "VAE";
+    /// `config.json` is shared with the AR stage and is not among them.
+    const FILES: StageFiles = StageFiles {
+        checkpoint: "train-vae.safetensors",
+        weights: "vae.safetensors",
+        metrics: "vae-metrics.json",
+        others: &["vae-recon.png"],
+    };
+    type Config = ModelConfig;
+    type Args = VaeFitArgs;
+    type Checked = ();
+    /// The training images and the held-out ones.
+    type Loaded = (Dataset, Dataset);
+    type Report = VaeFitReport;
+
+    fn plan(args: &VaeFitArgs) -> Result<(Plan<'_, ModelConfig>, ())> {
+        args.validate()?;
+        let config = run_config(&args.out, &args.preset)?;
+        let identity = RunIdentity::data(DataIdentity::of(&args.data, args.train.limit)?);
+        Ok((Plan { out: &args.out, train: &args.train, config, identity, config_file: Some("config.json") }, ()))
     }
 
-    let mut shuffler = Shuffler::with_position(train.len(), ta.seed, (start * ta.batch) as u64);
-    let mut smooth = None::<f64>;
-    let opt = std::cell::RefCell::new(opt);
-    let outcome = fitloop::run(
-        "vae",
-        start,
-        ta,
-        stop,
-        |step| {
-            let idx = shuffler.next_batch(ta.batch);
-            let mut flip_rng = args.flip.then(|| fitloop::step_rng(ta.seed, step));
-            let x = batch_tensor(&train, &idx, flip_rng.as_mut());
-            let lr = ta.lr_at(step);
-            let s = train_step(&m, &mut opt.borrow_mut(), &x, args.kl_weight, ta.clip, lr);
-            let sm = smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
-            smooth = Some(sm);
-            let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
-            Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
-        },
-        |step| save_train_state(&ckpt, &m, &opt.borrow(), step, ta.steps, &meta),
-    )?;
-    let interrupted = outcome.interrupted;
-    let mut report =
-        VaeFitReport { run: FitSummary::new(start, ta.steps, &outcome), psnr_mode_db: None, psnr_sample_db: None };
-    if interrupted {
-        return Ok(report);
+    fn finished(_: &VaeFitArgs, _: &Plan<'_, ModelConfig>, run: FitSummary) -> VaeFitReport {
+        VaeFitReport { run, psnr_mode_db: None, psnr_sample_db: None }
     }
-    m.save_weights(&weights)?;
-    // The posterior samples of the evaluation do not depend on where the training stopped.
-    tch::manual_seed(ta.seed as i64);
-    let (pm, ps) = evaluate(&m, &held_out, &args.out.join("vae-recon.png"))?;
-    report.psnr_mode_db = Some(pm);
-    report.psnr_sample_db = Some(ps);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
-    spherear_core::fsutil::write_atomic(&args.out.join("vae-metrics.json"), json.as_bytes())?;
-    Ok(report)
+
+    fn load(args: &VaeFitArgs, plan: &Plan<'_, ModelConfig>) -> Result<(Dataset, Dataset)> {
+        let size = plan.config.image_size;
+        let train = data::load(&args.data, Split::Train, size, args.train.limit)?;
+        Ok((train, data::load(&args.data, Split::Test, size, Some(args.eval_images))?))
+    }
+
+    fn build(args: &VaeFitArgs, plan: &Plan<'_, ModelConfig>, _: (), loaded: (Dataset, Dataset)) -> Result<Self> {
+        let m = VaeModel::new(&plan.config)?;
+        let opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
+        let (train, held_out) = loaded;
+        Ok(VaeStage { args: args.clone(), m, opt, train, held_out, smooth: None })
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn step(&mut self, step: usize, batch: &[usize]) -> Result<(f64, String)> {
+        let (a, ta) = (&self.args, &self.args.train);
+        let mut flip_rng = a.flip.then(|| fitloop::step_rng(ta.seed, step));
+        let x = batch_tensor(&self.train, batch, flip_rng.as_mut());
+        let lr = ta.lr_at(step);
+        let s = train_step(&self.m, &mut self.opt, &x, a.kl_weight, ta.clip, lr);
+        let sm = self.smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
+        self.smooth = Some(sm);
+        let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
+        Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        checkpoint::train_tensors(&self.m.vs, "vae.", &self.opt)
+    }
+
+    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()> {
+        checkpoint::restore_train(&self.m.vs, "vae.", &mut self.opt, file, step, path)
+    }
+
+    fn report(&self, run: FitSummary) -> VaeFitReport {
+        VaeFitReport { run, psnr_mode_db: None, psnr_sample_db: None }
+    }
+
+    fn finish(&mut self, run: FitSummary, weights: &Path) -> Result<VaeFitReport> {
+        self.m.save_weights(weights)?;
+        // The posterior samples of the evaluation do not depend on where the training stopped.
+        tch::manual_seed(self.args.train.seed as i64);
+        let (pm, ps) = evaluate(&self.m, &self.held_out, &self.args.out.join("vae-recon.png"))?;
+        Ok(VaeFitReport { run, psnr_mode_db: Some(pm), psnr_sample_db: Some(ps) })
+    }
 }
 
 /// Held-out PSNR (mode, sample) and a PNG: rows alternate 8 originals and their reconstructions.

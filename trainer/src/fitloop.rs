@@ -1,6 +1,9 @@
-//! The training loop shared by every stage: progress bar, per-step seeding, periodic atomic checkpoints,
-//! Ctrl-C and `--stop-after` (a checkpoint, then a clean stop), divergence check; and the checks every
-//! stage makes on its run folder before any work ([`previous_run`], [`remove_stage_files`]).
+//! The skeleton every training stage shares. A stage implements [`Stage`] (its checks, inputs, model,
+//! step, checkpoint contents, final weights and report); [`fit`] drives it: the run folder's earlier
+//! state ([`previous_run`]: finished, changed inputs, `--force` with [`remove_stage_files`]), folder and
+//! config file, seeding, restore from the checkpoint, the loop ([`run`]: progress bar, per-step seeding,
+//! the shuffled batches, periodic atomic checkpoints, Ctrl-C and `--stop-after` — a checkpoint, then a
+//! clean stop —, divergence check), the final weights and `<stage>-metrics.json`.
 //!
 //! **Exact resume.** All randomness of step `s` is drawn after re-seeding from
 //! [`spherear_core::noise::step_seed`]`(seed, s)`: [`run`] seeds libtorch's generator before every step,
@@ -8,17 +11,21 @@
 //! shuffler and the checkpointed weights, AdamW moments and step count (and EMA), a run resumed at any
 //! step is bit-identical to one that never stopped (same thread count).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use spherear_core::data::Shuffler;
 use spherear_core::noise::step_seed;
 use spherear_core::validate::{at_least, positive};
+use tch::Tensor;
 
-use crate::checkpoint::TrainHeader;
+use crate::checkpoint::{self, StageConfig, TensorFile, TrainHeader};
 use crate::error::{Result, TrainError};
+use crate::identity::RunIdentity;
 use crate::progress;
 
 /// Optimisation and loop settings shared by every stage.
@@ -44,21 +51,26 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The settings a stage starts from; each stage's `TRAIN_DEFAULTS` changes what it needs (the
+    /// command line reads the defaults from there).
+    pub const DEFAULT: TrainArgs = TrainArgs {
+        steps: 2000,
+        batch: 32,
+        lr: 1e-3,
+        min_lr_ratio: 0.05,
+        warmup: 100,
+        clip: 1.0,
+        ckpt_every: 250,
+        seed: 0,
+        limit: None,
+        progress: true,
+        stop_after: None,
+        force: false,
+    };
+
+    /// [`TrainArgs::DEFAULT`] with `steps` steps.
     pub fn new(steps: usize) -> Self {
-        TrainArgs {
-            steps,
-            batch: 32,
-            lr: 1e-3,
-            min_lr_ratio: 0.05,
-            warmup: 100,
-            clip: 1.0,
-            ckpt_every: 250,
-            seed: 0,
-            limit: None,
-            progress: true,
-            stop_after: None,
-            force: false,
-        }
+        TrainArgs { steps, ..Self::DEFAULT }
     }
 
     /// Learning rate at `step`.
@@ -209,19 +221,155 @@ pub struct LoopOutcome {
     pub seconds: f64,
 }
 
-/// Runs `step_fn(step)` (returning the loss and a status message) from `start` to `args.steps`, seeding
-/// libtorch with `step_seed(args.seed, step)` before each; saves with `save(step)` every
-/// `args.ckpt_every` steps and when the loop ends — at `args.steps`, when `stop` is raised (Ctrl-C), or
-/// after `args.stop_after` steps of this invocation (both reported as `interrupted`).
-pub fn run(
-    label: &str,
+/// A stage's own files in the run folder, by name.
+#[derive(Debug, Clone, Copy)]
+pub struct StageFiles {
+    /// The resumable training checkpoint, `train-<stage>.safetensors`.
+    pub checkpoint: &'static str,
+    /// The final weights.
+    pub weights: &'static str,
+    /// The report, `<stage>-metrics.json`.
+    pub metrics: &'static str,
+    /// The stage's other files (`--force` removes them too).
+    pub others: &'static [&'static str],
+}
+
+impl StageFiles {
+    /// Every file of the stage: what `--force` removes.
+    pub fn all(&self) -> Vec<&'static str> {
+        [self.checkpoint, self.weights, self.metrics].into_iter().chain(self.others.iter().copied()).collect()
+    }
+}
+
+/// What a stage settles before any work, for [`fit`].
+pub struct Plan<'a, C> {
+    /// The run folder.
+    pub out: &'a Path,
+    pub train: &'a TrainArgs,
+    /// The config the stage trains; a checkpoint made for another is refused.
+    pub config: C,
+    /// What the run is made from, recorded in its checkpoint; a resume with other inputs is refused.
+    pub identity: RunIdentity,
+    /// The run folder's config file (its name), written once when missing (the AR stage writes
+    /// `config.json` with its weights instead).
+    pub config_file: Option<&'static str>,
+}
+
+/// A training stage, as [`fit`] drives it. The associated functions run before the stage exists (in this
+/// order: [`Stage::plan`], [`Stage::finished`] or [`Stage::load`], [`Stage::build`]); the methods train it.
+pub trait Stage: Sized {
+    /// `vae`, `ar` or `judge`: the checkpoint's `stage`, the progress label, messages.
+    const NAME: &'static str;
+    /// How the resume message names the stage (`resuming VAE training from step N`).
+    const TITLE: &'static str;
+    const FILES: StageFiles;
+    /// The config its checkpoints and weights record.
+    type Config: StageConfig;
+    /// The stage's settings.
+    type Args;
+    /// What the checks of [`Stage::plan`] produced and [`Stage::build`] needs (the AR stage: the VAE).
+    type Checked;
+    /// What is loaded before anything is written (the data), so that bad input fails before `--force`
+    /// removes a file.
+    type Loaded;
+    /// What a run reports (also `<stage>-metrics.json`).
+    type Report: serde::Serialize;
+
+    /// The checks before any work (values, config against the run folder, inputs) and the plan.
+    fn plan(args: &Self::Args) -> Result<(Plan<'_, Self::Config>, Self::Checked)>;
+    /// The report of a stage that had finished before this invocation (nothing was done).
+    fn finished(args: &Self::Args, plan: &Plan<'_, Self::Config>, run: FitSummary) -> Self::Report;
+    /// Loads the inputs, before anything is written.
+    fn load(args: &Self::Args, plan: &Plan<'_, Self::Config>) -> Result<Self::Loaded>;
+    /// The freshly initialised stage (libtorch was just seeded with `--seed`; the run folder exists).
+    fn build(
+        args: &Self::Args,
+        plan: &Plan<'_, Self::Config>,
+        checked: Self::Checked,
+        loaded: Self::Loaded,
+    ) -> Result<Self>;
+
+    /// The number of training examples (the shuffler draws batches of their indices).
+    fn examples(&self) -> usize;
+    /// One optimisation step `step` on the examples `batch`: (loss, progress message).
+    fn step(&mut self, step: usize, batch: &[usize]) -> Result<(f64, String)>;
+    /// Everything a training checkpoint holds.
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor>;
+    /// Restores what [`Stage::checkpoint_tensors`] saved, from the checkpoint `path` at `step`.
+    fn restore(&mut self, file: &TensorFile, step: usize, path: &Path) -> Result<()>;
+    /// The report of an interrupted run.
+    fn report(&self, run: FitSummary) -> Self::Report;
+    /// After the last step: writes the final weights to `weights`, evaluates, reports.
+    fn finish(&mut self, run: FitSummary, weights: &Path) -> Result<Self::Report>;
+}
+
+/// Trains (or resumes) stage `S`; `stop` is polled every step (Ctrl-C) and triggers a checkpoint.
+///
+/// Before any work: the stage's checks ([`Stage::plan`]), then its checkpoint's config and inputs and
+/// the run's earlier state ([`previous_run`]: a finished stage returns at once with `already_finished`
+/// and touches no file; a checkpoint made from other inputs is an error). Then the inputs are loaded;
+/// with `--force` the stage's files ([`Stage::FILES`]) are removed; the folder and its config file are
+/// created; libtorch is seeded, the stage built and restored from its checkpoint; the loop runs
+/// ([`run`]); an uninterrupted run ends with the final weights ([`Stage::finish`]) and the metrics.
+pub fn fit<S: Stage>(args: &S::Args, stop: &AtomicBool) -> Result<S::Report> {
+    let (plan, checked) = S::plan(args)?;
+    let (out, ta) = (plan.out, plan.train);
+    let (ckpt, weights) = (out.join(S::FILES.checkpoint), out.join(S::FILES.weights));
+    let header = if ta.force { None } else { checkpoint::read_train_header(&ckpt, S::NAME)? };
+    if let Some(h) = &header {
+        S::Config::check(&ckpt, S::NAME, &h.config(&ckpt)?, &plan.config)?;
+    }
+    let changes = header.as_ref().map(|h| plan.identity.changes(&h.metadata)).unwrap_or_default();
+    if let Some(run) = previous_run(S::NAME, &ckpt, &weights, header.as_ref(), &changes, ta)? {
+        return Ok(S::finished(args, &plan, run));
+    }
+    let loaded = S::load(args, &plan)?;
+    if ta.force {
+        remove_stage_files(out, &S::FILES.all())?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Io(format!("cannot create {}: {e}", out.display())))?;
+    if let Some(path) = plan.config_file.map(|name| out.join(name)).filter(|p| !p.exists()) {
+        plan.config.save_file(&path)?;
+    }
+    let mut meta = HashMap::new();
+    plan.identity.record(&mut meta);
+
+    tch::manual_seed(ta.seed as i64);
+    let mut stage = S::build(args, &plan, checked, loaded)?;
+    let mut start = 0;
+    if let Some((step, file)) = checkpoint::load_train(&ckpt, S::NAME, &plan.config)? {
+        stage.restore(&file, step, &ckpt)?;
+        start = step;
+        eprintln!("resuming {} training from step {start} ({})", S::TITLE, ckpt.display());
+    }
+    let outcome = run(&mut stage, start, ta, stop, |stage, step| {
+        checkpoint::save_train(&ckpt, S::NAME, step, ta.steps, &plan.config, stage.checkpoint_tensors(), &meta)
+    })?;
+    let summary = FitSummary::new(start, ta.steps, &outcome);
+    if outcome.interrupted {
+        return Ok(stage.report(summary));
+    }
+    let report = stage.finish(summary, &weights)?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Io(format!("metrics: {e}")))?;
+    spherear_core::fsutil::write_atomic(&out.join(S::FILES.metrics), json.as_bytes())?;
+    Ok(report)
+}
+
+/// Runs `stage` from step `start` to `args.steps`: before each step libtorch is seeded with
+/// `step_seed(args.seed, step)` and the next batch drawn from the position-based shuffler; saves with
+/// `save(stage, step)` every `args.ckpt_every` steps and when the loop ends — at `args.steps`, when `stop`
+/// is raised (Ctrl-C), or after `args.stop_after` steps of this invocation (both reported as
+/// `interrupted`).
+pub fn run<S: Stage>(
+    stage: &mut S,
     start: usize,
     args: &TrainArgs,
     stop: &AtomicBool,
-    mut step_fn: impl FnMut(usize) -> Result<(f64, String)>,
-    mut save: impl FnMut(usize) -> Result<()>,
+    mut save: impl FnMut(&S, usize) -> Result<()>,
 ) -> Result<LoopOutcome> {
     let (total, ckpt_every) = (args.steps, args.ckpt_every);
+    let label = S::NAME;
+    let mut shuffler = Shuffler::with_position(stage.examples(), args.seed, (start * args.batch) as u64);
     let bar = progress::bar(total as u64, start as u64, label, args.progress);
     let t0 = Instant::now();
     let mut losses: Vec<f64> = Vec::new();
@@ -234,7 +382,7 @@ pub fn run(
             break;
         }
         tch::manual_seed(step_seed(args.seed, step as u64) as i64);
-        let (loss, msg) = step_fn(step)?;
+        let (loss, msg) = stage.step(step, &shuffler.next_batch(args.batch))?;
         if !loss.is_finite() {
             return Err(TrainError::Mismatch(format!("{label} loss became {loss} at step {step}; lower --lr")));
         }
@@ -243,12 +391,12 @@ pub fn run(
         bar.set_position(step as u64);
         bar.set_message(msg);
         if step.is_multiple_of(ckpt_every.max(1)) && step < total {
-            save(step)?;
+            save(&*stage, step)?;
         }
     }
     // Nothing to save when no step ran (the checkpoint on disk is already at `step`).
     if step > start {
-        save(step)?;
+        save(&*stage, step)?;
     }
     bar.finish_and_clear();
     let mean = |s: &[f64]| (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64);

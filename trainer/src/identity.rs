@@ -7,11 +7,11 @@
 //! - **VAE identity**: the SHA-256 of `vae.safetensors` ([`file_sha256`]).
 //!
 //! Both go into the metadata of the training checkpoints (`data_sha256`, `data_limit`, and for the AR
-//! stage `vae_sha256`) and into the stamp of the latents cache.
+//! stage `vae_sha256`; [`RunIdentity`] records and compares them) and into the stamp of the latents cache.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use spherear_core::data::{self, DataSource, Split};
@@ -113,6 +113,48 @@ impl DataIdentity {
                 out.push(format!("--limit was {old}, now {}", self.limit_text()));
             }
         }
+        out
+    }
+}
+
+/// Everything a stage's training checkpoint records about its inputs: the data and, for the AR stage,
+/// the VAE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunIdentity {
+    pub data: DataIdentity,
+    /// The VAE weights file and its SHA-256 (hex).
+    pub vae: Option<(PathBuf, String)>,
+}
+
+impl RunIdentity {
+    /// The identity of a stage trained on `data` alone.
+    pub fn data(data: DataIdentity) -> Self {
+        RunIdentity { data, vae: None }
+    }
+
+    /// Records this identity in checkpoint metadata.
+    pub fn record(&self, meta: &mut HashMap<String, String>) {
+        if let Some((_, sha)) = &self.vae {
+            meta.insert(VAE_SHA256.into(), sha.clone());
+        }
+        self.data.record(meta);
+    }
+
+    /// What changed between the identity recorded in `meta` and this one, one phrase each (the VAE
+    /// first, then the data); empty when nothing did or nothing was recorded.
+    pub fn changes(&self, meta: &HashMap<String, String>) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some((file, sha)) = &self.vae {
+            if let Some(old) = meta.get(VAE_SHA256).filter(|old| *old != sha) {
+                out.push(format!(
+                    "the VAE differs ({} has sha256 {}, the run was trained with {})",
+                    file.display(),
+                    short(sha),
+                    short(old)
+                ));
+            }
+        }
+        out.extend(self.data.changes(meta));
         out
     }
 }

@@ -8,7 +8,7 @@ use spherear_core::judge::{JudgeConfig, FC_PREFIX, JUDGE_CONFIG_FILE, JUDGE_STAG
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{self, TensorFile, WEIGHTS_FORMAT};
+use crate::checkpoint;
 use crate::error::{Result, TrainError};
 
 /// The network (weights live in the var store it was built on).
@@ -74,8 +74,7 @@ impl JudgeModel {
         if file.meta(&file_path, "stage")? != JUDGE_STAGE {
             return Err(ck("is not a judge weights file".into()));
         }
-        let stored: JudgeConfig = serde_json::from_str(file.meta(&file_path, "config")?)
-            .map_err(|e| ck(format!("invalid judge config in the metadata: {e}")))?;
+        let stored: JudgeConfig = file.stage_config(&file_path)?;
         if let Some(c) = &config {
             if *c != stored {
                 return Err(ck(format!("was written for judge config {stored:?} but {JUDGE_CONFIG_FILE} says {c:?}")));
@@ -93,11 +92,7 @@ impl JudgeModel {
 
     /// Writes `judge.safetensors` (metadata: format, stage `judge`, config JSON) atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        let mut f = TensorFile { tensors: self.weights(), ..Default::default() };
-        f.metadata.insert("format".into(), WEIGHTS_FORMAT.into());
-        f.metadata.insert("stage".into(), JUDGE_STAGE.into());
-        f.metadata.insert("config".into(), self.config.to_json());
-        checkpoint::save(path, &f)
+        checkpoint::save_weights(path, JUDGE_STAGE, &self.config, self.weights())
     }
 
     /// Writes `judge.safetensors` and `judge-config.json` into `dir` (created if needed): the folder

@@ -2,7 +2,8 @@
 //!
 //! Module map: [`layers`] (blocks shared by the VAE and the AR model), [`psd`] (Power Spherical
 //! posterior), [`vae`] (the S-VAE), [`optim`] (AdamW + schedule), [`checkpoint`] (safetensors
-//! checkpoints), [`identity`] (data and VAE fingerprints recorded for resumes), [`fit_vae`], [`fit_ar`] and [`fit_judge`] (the training stages, over [`fitloop`]),
+//! checkpoints), [`identity`] (data and VAE fingerprints recorded for resumes), [`fit_vae`], [`fit_ar`] and
+//! [`fit_judge`] (the training stages: each a [`fitloop::Stage`] driven by [`fitloop::fit`]),
 //! [`ar`] (the AR transformer and diffusion head), [`sample`] (the reference sampler), [`judge`]
 //! (the judge classifier for quality evaluation).
 

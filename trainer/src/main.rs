@@ -10,9 +10,9 @@ use spherear_core::data::{parse_source, save_grid_png};
 use spherear_core::validate::{at_least, in_range, non_negative, positive};
 use spherear_core::CoreError;
 use trainer::ar::ArModel;
-use trainer::fit_ar::{fit_ar, ArFitArgs};
-use trainer::fit_judge::{fit_judge, JudgeFitArgs};
-use trainer::fit_vae::{fit_vae, VaeFitArgs};
+use trainer::fit_ar::{self, fit_ar, ArFitArgs};
+use trainer::fit_judge::{self, fit_judge, JudgeFitArgs};
+use trainer::fit_vae::{self, fit_vae, VaeFitArgs};
 use trainer::fitloop::{FitSummary, TrainArgs};
 use trainer::sample::{decode_timed, sample_tokens_with_stats, SampleRequest};
 
@@ -56,43 +56,45 @@ struct FitArgs {
     /// Run folder: config.json, checkpoints, weights, metrics and PNGs go here.
     #[arg(long)]
     out: PathBuf,
-    /// Total optimisation steps (default: 2000 for vae and ar, 1500 for judge).
-    #[arg(long)]
+    // The defaults of the flags below are the library's (`TRAIN_DEFAULTS`, `DEFAULT_*` of each stage);
+    // their help texts read them from there.
+    #[arg(long, help = stage_default("Total optimisation steps", |t| t.steps))]
     steps: Option<usize>,
-    /// Images per step (default: 32; judge 64).
-    #[arg(long)]
+    #[arg(long, help = stage_default("Images per step", |t| t.batch))]
     batch: Option<usize>,
-    /// Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings;
-    /// default: 1e-3; judge 2e-3).
-    #[arg(long)]
+    #[arg(long, help = stage_default(
+        "Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings)",
+        |t| t.lr,
+    ))]
     lr: Option<f64>,
-    /// Linear warmup steps before the cosine decay.
-    #[arg(long, default_value_t = 100)]
-    warmup: usize,
-    /// VAE stage: weight of the KL term (mean over tokens).
-    #[arg(long, default_value_t = 0.004)]
-    kl_weight: f64,
-    /// AR stage: EMA decay of the shipped weights (warmed up as min(decay, (1+t)/(10+t))).
-    #[arg(long, default_value_t = 0.999)]
-    ema_decay: f64,
-    /// Gradient clipping: maximum global L2 norm.
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    /// Write a resumable checkpoint every N steps.
-    #[arg(long, default_value_t = 250)]
-    ckpt_every: usize,
-    /// Seed for initialisation, shuffling, augmentation and label dropout.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long, help = stage_default("Linear warmup steps before the cosine decay", |t| t.warmup))]
+    warmup: Option<usize>,
+    #[arg(long, help = format!(
+        "VAE stage: weight of the KL term (mean over tokens) (default: {})", fit_vae::DEFAULT_KL_WEIGHT
+    ))]
+    kl_weight: Option<f64>,
+    #[arg(long, help = format!(
+        "AR stage: EMA decay of the shipped weights (warmed up as min(decay, (1+t)/(10+t))) (default: {})",
+        fit_ar::DEFAULT_EMA_DECAY
+    ))]
+    ema_decay: Option<f64>,
+    #[arg(long, help = stage_default("Gradient clipping: maximum global L2 norm", |t| t.clip))]
+    clip: Option<f64>,
+    #[arg(long, help = stage_default("Write a resumable checkpoint every N steps", |t| t.ckpt_every))]
+    ckpt_every: Option<usize>,
+    #[arg(long, help = stage_default("Seed for initialisation, shuffling, augmentation and label dropout", |t| t.seed))]
+    seed: Option<u64>,
     /// VAE and judge stages: random horizontal flips.
     #[arg(long)]
     flip: bool,
     /// Use only the first N training images.
     #[arg(long)]
     limit: Option<usize>,
-    /// VAE stage: held-out images scored for PSNR at the end (default 1000). Judge stage: test images
-    /// scored for accuracy (default: the whole test split).
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "VAE stage: held-out images scored for PSNR at the end (default {}). Judge stage: test images scored \
+         for accuracy (default: the whole test split)",
+        fit_vae::DEFAULT_EVAL_IMAGES
+    ))]
     eval_images: Option<usize>,
     /// Train at most N steps in this invocation, then write a checkpoint and stop exactly as Ctrl-C does
     /// (exit code 130); rerunning the command continues, bit-identically to a run that never stopped (with
@@ -119,13 +121,40 @@ impl FitArgs {
         count("--limit", self.limit)?;
         count("--eval-images", self.eval_images)?;
         count("--stop-after", self.stop_after)?;
+        count("--ckpt-every", self.ckpt_every)?;
         if let Some(lr) = self.lr {
             positive("--lr", lr)?;
         }
-        non_negative("--kl-weight", self.kl_weight)?;
-        in_range("--ema-decay", self.ema_decay, 0.0, 1.0)?;
-        positive("--clip", self.clip)?;
-        at_least("--ckpt-every", self.ckpt_every, 1)
+        if let Some(w) = self.kl_weight {
+            non_negative("--kl-weight", w)?;
+        }
+        if let Some(d) = self.ema_decay {
+            in_range("--ema-decay", d, 0.0, 1.0)?;
+        }
+        if let Some(c) = self.clip {
+            positive("--clip", c)?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` with the stages' default of one loop setting, read from the library: one value when every
+/// stage has the same, else the value of each group of stages ("2000 for vae and ar, 1500 for judge").
+fn stage_default<T: PartialEq + std::fmt::Display>(text: &str, get: fn(&TrainArgs) -> T) -> String {
+    let stages =
+        [("vae", &fit_vae::TRAIN_DEFAULTS), ("ar", &fit_ar::TRAIN_DEFAULTS), ("judge", &fit_judge::TRAIN_DEFAULTS)];
+    let mut groups: Vec<(T, Vec<&str>)> = Vec::new();
+    for (name, defaults) in stages {
+        let v = get(defaults);
+        match groups.iter_mut().find(|(g, _)| *g == v) {
+            Some((_, names)) => names.push(name),
+            None => groups.push((v, vec![name])),
+        }
+    }
+    let text_of = |(v, names): &(T, Vec<&str>)| format!("{v} for {}", names.join(" and "));
+    match groups.as_slice() {
+        [(v, _)] => format!("{text} (default: {v})"),
+        _ => format!("{text} (default: {})", groups.iter().map(text_of).collect::<Vec<_>>().join(", ")),
     }
 }
 
@@ -262,16 +291,17 @@ fn run() -> Result<()> {
     }
 }
 
-fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
+/// The loop settings: the flags given, else the stage's defaults `d` (the library's).
+fn train_args(f: &FitArgs, d: &TrainArgs) -> TrainArgs {
     TrainArgs {
-        steps: f.steps.unwrap_or(default_steps),
-        batch: f.batch.unwrap_or(32),
-        lr: f.lr.unwrap_or(1e-3),
-        min_lr_ratio: 0.05,
-        warmup: f.warmup,
-        clip: f.clip,
-        ckpt_every: f.ckpt_every,
-        seed: f.seed,
+        steps: f.steps.unwrap_or(d.steps),
+        batch: f.batch.unwrap_or(d.batch),
+        lr: f.lr.unwrap_or(d.lr),
+        min_lr_ratio: d.min_lr_ratio,
+        warmup: f.warmup.unwrap_or(d.warmup),
+        clip: f.clip.unwrap_or(d.clip),
+        ckpt_every: f.ckpt_every.unwrap_or(d.ckpt_every),
+        seed: f.seed.unwrap_or(d.seed),
         limit: f.limit,
         progress: !f.quiet,
         stop_after: f.stop_after,
@@ -281,10 +311,10 @@ fn train_args(f: &FitArgs, default_steps: usize) -> TrainArgs {
 
 fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let mut a = VaeFitArgs::new(&f.preset, parse_source(&f.data), f.out.clone());
-    a.train = train_args(f, 2000);
-    a.kl_weight = f.kl_weight;
+    a.train = train_args(f, &a.train);
+    a.kl_weight = f.kl_weight.unwrap_or(a.kl_weight);
     a.flip = f.flip;
-    a.eval_images = f.eval_images.unwrap_or(1000);
+    a.eval_images = f.eval_images.unwrap_or(a.eval_images);
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
     if !print_summary("vae", &r.run, f, stop, "") {
         return Ok(());
@@ -302,8 +332,8 @@ fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
 fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let Some(vae) = f.vae.clone() else { bail!("--stage ar needs --vae RUN_FOLDER (a finished VAE stage)") };
     let mut a = ArFitArgs::new(vae, &f.preset, parse_source(&f.data), f.out.clone());
-    a.train = train_args(f, 2000);
-    a.ema_decay = f.ema_decay;
+    a.train = train_args(f, &a.train);
+    a.ema_decay = f.ema_decay.unwrap_or(a.ema_decay);
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
     let extra =
         format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
@@ -314,11 +344,9 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
 fn fit_judge_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let image_size = spherear_core::ModelConfig::preset(&f.preset)?.image_size;
     let mut a = JudgeFitArgs::new(parse_source(&f.data), f.out.clone(), image_size);
-    a.train = train_args(f, trainer::fit_judge::DEFAULT_STEPS);
-    a.train.batch = f.batch.unwrap_or(trainer::fit_judge::DEFAULT_BATCH);
-    a.train.lr = f.lr.unwrap_or(trainer::fit_judge::DEFAULT_LR);
+    a.train = train_args(f, &a.train);
     a.flip = f.flip;
-    a.eval_images = f.eval_images;
+    a.eval_images = f.eval_images.or(a.eval_images);
     let r = fit_judge(&a, stop).with_context(|| format!("training the judge into {}", f.out.display()))?;
     if !print_summary("judge", &r.run, f, stop, "") {
         return Ok(());
@@ -328,7 +356,7 @@ fn fit_judge_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
             "judge test accuracy: {:.2}% on {} test images; weights {}",
             100.0 * acc,
             r.test_images,
-            trainer::fit_judge::weights_path(&f.out).display()
+            fit_judge::weights_path(&f.out).display()
         ),
         None => bail!("no evaluation was produced"),
     }

@@ -1,20 +1,21 @@
-//! The reference sampler, faithful to the official one: prefill + KV-cached steps, Euler–Maruyama head
-//! sampling with a final 0.04 Euler step, the linear CFG schedule (including its token-0 behaviour),
-//! projection of every token onto the radius-R sphere. All noise comes from `spherear_core::noise` in
-//! its documented order, and every update rule from `spherear_core::schedule`, so the ONNX runtime can
-//! reproduce these tokens exactly.
+//! The reference sampler, faithful to the official one: the token loop of [`spherear_core::sampler`]
+//! (prefill + KV-cached steps, Euler–Maruyama head sampling with a final 0.04 Euler step, the linear CFG
+//! schedule including its token-0 behaviour, projection onto the radius-R sphere, all noise from
+//! `spherear_core::noise` in its documented order) over the libtorch model. The ONNX runtime runs the same
+//! loop over its graphs, so it reproduces these tokens up to float error.
 
-use spherear_core::noise::BatchNoise;
-use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid};
-use spherear_core::sphere::project_rows;
-use spherear_core::timing::Timing;
+use std::ops::ControlFlow;
 use std::time::Instant;
+
+use spherear_core::sampler::{sample_request, Feed, LoopShape, TokenBackend};
+use spherear_core::timing::Timing;
 use tch::{Device, Kind, Tensor};
 
 use crate::ar::{ArModel, KvCache};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
 pub use spherear_core::request::SampleRequest;
+pub use spherear_core::sampler::SampleStats;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1))?)
@@ -24,123 +25,63 @@ fn rows_tensor(x: &[f32], d: usize) -> Tensor {
     Tensor::from_slice(x).view([(x.len() / d) as i64, d as i64])
 }
 
-/// Work counters of a sampling run.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SampleStats {
-    /// Largest batch the AR transformer ran (2B under CFG, B without).
-    pub max_ar_rows: usize,
-    /// Rows evaluated by the diffusion head, summed over all evaluations.
-    pub head_rows: usize,
-    /// Per-stage time and call counts (the same accounting as the runtime's; decoder via [`decode_timed`]).
-    pub timing: Timing,
+/// The libtorch model as a [`TokenBackend`]: a fresh KV cache per batch; the condition embedding of the head
+/// is computed once per token, at its first head call (timed as head work).
+struct TchBackend<'m> {
+    m: &'m ArModel,
+    rows: usize,
+    cache: Option<KvCache>,
+    cond: Option<Tensor>,
+    cond_emb: Option<Tensor>,
+    cond_host: Vec<f32>,
+    v: Vec<f32>,
 }
 
-/// Samples one token for `rows` rows with conditions `cond` [rows_c, dim].
-/// Unguided: rows_c = rows and every row is its own sample. Guided: rows_c = 2·rows (conditional rows,
-/// then null rows), x has `rows` rows and the velocity is v_u + g·(v_c − v_u).
-fn sample_token(
-    m: &ArModel,
-    cond: &Tensor,
-    x: &mut [f32],
-    noise: &mut BatchNoise,
-    rows_per_image: usize,
-    guidance: Option<f32>,
-    grid: &TimeGrid,
-    stats: &mut SampleStats,
-) -> Result<()> {
-    let d = m.config.latent_dim;
-    let head = &m.ar.head;
-    let t0 = Instant::now();
-    let cond_emb = head.embed_condition(cond);
-    stats.timing.stages.head += t0.elapsed().as_secs_f64();
-    let n_eval = cond.size()[0];
-    let mut velocity = |x: &[f32], t: f32| -> Result<Vec<f32>> {
-        stats.head_rows += n_eval as usize;
-        let t0 = Instant::now();
-        let xt = rows_tensor(x, d);
-        let xt = if guidance.is_some() { Tensor::cat(&[&xt, &xt], 0) } else { xt };
-        let tt = Tensor::full([n_eval], t as f64, (Kind::Float, Device::Cpu));
-        let v = to_vec(&head.forward_embedded(&xt, &tt, &cond_emb))?;
-        stats.timing.stages.head += t0.elapsed().as_secs_f64();
-        stats.timing.head_calls += 1;
-        match guidance {
-            None => Ok(v),
-            Some(g) => {
-                let half = v.len() / 2;
-                let mut out = vec![0f32; half];
-                guide(&v[..half], &v[half..], g, &mut out)?;
-                Ok(out)
-            }
-        }
-    };
-    noise.draw(x, d, rows_per_image)?;
-    let mut eps = vec![0f32; x.len()];
-    for k in 0..grid.steps {
-        let v = velocity(x, grid.times[k])?;
-        noise.draw(&mut eps, d, rows_per_image)?;
-        em_update(x, &v, &eps, grid.times[k], grid.dt, grid.noise_scales[k])?;
+impl TchBackend<'_> {
+    fn cache(&mut self) -> Result<&mut KvCache> {
+        self.cache.as_mut().ok_or_else(|| TrainError::Mismatch("internal: sampling before start_batch".into()))
     }
-    let v = velocity(x, grid.last_t)?;
-    euler_update(x, &v, grid.last_dt)?;
-    project_rows(x, d, m.config.radius())?;
-    Ok(())
+
+    fn set_condition(&mut self, c: Tensor) -> Result<&[f32]> {
+        self.cond_host = to_vec(&c)?;
+        self.cond = Some(c);
+        self.cond_emb = None;
+        Ok(&self.cond_host)
+    }
 }
 
-/// Samples the tokens of images `first .. first + classes.len()` of a request: [B, L, d].
-fn sample_batch(
-    m: &ArModel,
-    req: &SampleRequest,
-    first: usize,
-    classes: &[i64],
-    stats: &mut SampleStats,
-) -> Result<Tensor> {
-    let cfg = &m.config;
-    let (b, d, l) = (classes.len(), cfg.latent_dim, cfg.num_tokens());
-    let grid = em_time_grid(req.steps)?;
-    let doubled = token_plan(req.cfg, 0, l).doubled_batch;
-    let mut ids = classes.to_vec();
-    if doubled {
-        ids.extend(std::iter::repeat(cfg.null_class() as i64).take(b));
-    }
-    let ids = Tensor::from_slice(&ids);
-    let rows = ids.size()[0] as usize;
-    stats.max_ar_rows = stats.max_ar_rows.max(rows);
-    let mut cache = KvCache::new(cfg, rows);
-    let mut noise = BatchNoise::new(req.seed, req.first_image + first as u64, b);
-    let mut tokens = vec![0f32; b * l * d];
-    let mut prev: Vec<f32> = Vec::new();
-    tch::no_grad(|| -> Result<()> {
-        for i in 0..req.tokens_to_sample(l) {
-            let token_start = Instant::now();
-            let head_before = stats.timing.stages.head;
-            let cond = if i == 0 {
-                let c = m.ar.prefill(&ids, &mut cache);
-                stats.timing.stages.prefill += token_start.elapsed().as_secs_f64();
-                stats.timing.prefill_calls += 1;
-                c
-            } else {
-                let c = m.ar.step(&rows_tensor(&prev, d), i, &mut cache);
-                stats.timing.stages.ar_step += token_start.elapsed().as_secs_f64();
-                stats.timing.ar_step_calls += 1;
-                c
-            };
-            let ar_done = token_start.elapsed().as_secs_f64();
-            let plan = token_plan(req.cfg, i, l);
-            let mut x = vec![0f32; b * plan.noise_rows_per_image * d];
-            let guidance = plan.guided.then_some(plan.guidance);
-            sample_token(m, &cond, &mut x, &mut noise, plan.noise_rows_per_image, guidance, &grid, stats)?;
-            // The image's token is the conditional row; the fed-back token goes to both CFG halves
-            // (token 0 unguided under CFG: each half keeps its own sample).
-            for j in 0..b {
-                tokens[(j * l + i) * d..(j * l + i + 1) * d].copy_from_slice(&x[j * d..(j + 1) * d]);
-            }
-            prev = if doubled && plan.noise_rows_per_image == 1 { [x.as_slice(), x.as_slice()].concat() } else { x };
-            let host = token_start.elapsed().as_secs_f64() - ar_done - (stats.timing.stages.head - head_before);
-            stats.timing.stages.host += host.max(0.0);
-        }
+impl TokenBackend for TchBackend<'_> {
+    type Error = TrainError;
+
+    fn start_batch(&mut self, rows: usize) -> Result<()> {
+        self.rows = rows;
+        self.cache = Some(KvCache::new(&self.m.config, rows));
         Ok(())
-    })?;
-    Ok(Tensor::from_slice(&tokens).view([b as i64, l as i64, d as i64]))
+    }
+
+    fn prefill(&mut self, class_ids: &[i64]) -> Result<&[f32]> {
+        let m = self.m;
+        let c = m.ar.prefill(&Tensor::from_slice(class_ids), self.cache()?);
+        self.set_condition(c)
+    }
+
+    fn step(&mut self, tokens: Feed<'_>, token: usize) -> Result<&[f32]> {
+        let m = self.m;
+        let t = rows_tensor(&tokens.to_vec(), m.config.latent_dim);
+        let c = m.ar.step(&t, token, self.cache()?);
+        self.set_condition(c)
+    }
+
+    fn velocity(&mut self, x_t: Feed<'_>, t: f32) -> Result<&[f32]> {
+        let head = &self.m.ar.head;
+        let cond = self.cond.as_ref().ok_or_else(|| TrainError::Mismatch("internal: head before prefill".into()))?;
+        let emb = self.cond_emb.get_or_insert_with(|| head.embed_condition(cond));
+        let x = rows_tensor(x_t.rows, self.m.config.latent_dim);
+        let x = if x_t.both_halves { Tensor::cat(&[&x, &x], 0) } else { x };
+        let tt = Tensor::full([self.rows as i64], t as f64, (Kind::Float, Device::Cpu));
+        self.v = to_vec(&head.forward_embedded(&x, &tt, emb))?;
+        Ok(&self.v)
+    }
 }
 
 /// Samples all images of a request in batches of `req.batch`: tokens [N, L, d] on the radius-R sphere.
@@ -148,26 +89,37 @@ pub fn sample_tokens(m: &ArModel, req: &SampleRequest, on_batch: impl FnMut(usiz
     sample_tokens_with_stats(m, req, on_batch).map(|(_, t)| t)
 }
 
-/// [`sample_tokens`] that also reports its work counters.
+/// [`sample_tokens`] that also reports its work counters and per-stage timing (decoder via
+/// [`decode_timed`]). `on_batch(n)` is called after each batch with its number of images. A model that
+/// produces NaN/Inf stops it with [`spherear_core::CoreError::NonFinite`] naming the stage and the token.
 pub fn sample_tokens_with_stats(
     m: &ArModel,
     req: &SampleRequest,
     mut on_batch: impl FnMut(usize),
 ) -> Result<(SampleStats, Tensor)> {
     req.validate(m.config.num_classes)?;
-    let mut stats = SampleStats::default();
-    let mut parts = Vec::new();
-    for (k, chunk) in req.classes.chunks(req.batch).enumerate() {
-        parts.push(sample_batch(m, req, k * req.batch, chunk, &mut stats)?);
-        on_batch(chunk.len());
-        stats.timing.batches += 1;
-    }
-    let t = &mut stats.timing;
-    t.images = req.classes.len();
-    t.batch = req.batch.min(t.images);
-    t.num_tokens = m.config.num_tokens();
-    t.tokens_timed = req.tokens_to_sample(t.num_tokens);
-    Ok((stats, Tensor::cat(&parts, 0)))
+    let cfg = &m.config;
+    let shape = LoopShape {
+        num_tokens: cfg.num_tokens(),
+        latent_dim: cfg.latent_dim,
+        radius: cfg.radius(),
+        null_class: cfg.null_class() as i64,
+    };
+    let mut backend =
+        TchBackend { m, rows: 0, cache: None, cond: None, cond_emb: None, cond_host: Vec::new(), v: Vec::new() };
+    let run = tch::no_grad(|| {
+        sample_request(&mut backend, &shape, req, req.batch, |p| {
+            if p.batch_done() {
+                on_batch(p.images);
+            }
+            ControlFlow::Continue(())
+        })
+    })?;
+    let ControlFlow::Continue((tokens, stats)) = run else {
+        return Err(TrainError::Interrupted);
+    };
+    let (n, l, d) = (req.classes.len() as i64, shape.num_tokens as i64, shape.latent_dim as i64);
+    Ok((stats, Tensor::from_slice(&tokens).view([n, l, d])))
 }
 
 /// Decodes tokens [N, L, d] to images [N, 3, H, W] in [−1, 1] (decoder output clamped).

@@ -16,8 +16,9 @@
 //! `{class, cfg, steps, seed, n}` draws from noise stream k of `seed` ([`BatchNoise`] of one image starting
 //! at k: the stream `--classes class --per-class n --seed seed` gives image k), follows the same
 //! [`token_plan`] (token 0 under CFG unguided with two noise rows, each CFG half keeping its own token;
-//! later tokens guided with one row fed to both halves), the same [`em_time_grid`], [`em_update`],
-//! [`euler_update`], [`guide`] and [`project_rows`] on the same per-row values, through the same graphs.
+//! later tokens guided with one row fed to both halves), the same [`em_time_grid`] and the same head
+//! integration as the core token loop ([`TokenHead`]: guidance, Euler–Maruyama and Euler updates, the
+//! non-finite check and the projection) on the same per-row values, through the same graphs.
 //! Rows of other images in the same call do not change a row's bits because every graph is row-independent
 //! on ONNX Runtime CPU (tested: served images equal CLI images byte for byte under concurrent load).
 
@@ -31,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use spherear_core::noise::BatchNoise;
-use spherear_core::schedule::{em_time_grid, em_update, euler_update, guide, token_plan, TimeGrid, TokenPlan};
-use spherear_core::sphere::project_rows;
+use spherear_core::sampler::{head_call_time, TokenHead};
+use spherear_core::schedule::{em_time_grid, token_plan, TimeGrid};
 use tokio::sync::oneshot;
 
 use super::pool::Pool;
@@ -90,12 +91,8 @@ struct Image {
     token: usize,
     /// [L, d]: the sampled tokens.
     tokens: Vec<f32>,
-    /// Head state of the current token (2d: token 0 under CFG has two rows) and work buffers.
-    x: Vec<f32>,
-    eps: Vec<f32>,
-    v: Vec<f32>,
-    x_len: usize,
-    plan: TokenPlan,
+    /// Head state of the current token (token 0 under CFG has two rows); after the token, what is fed back.
+    head: TokenHead,
     head_row: usize,
     admitted: Instant,
     first_token: Option<Instant>,
@@ -357,11 +354,7 @@ impl Engine {
                     n_rows: r.rows_per_image,
                     token: 0,
                     tokens: vec![0.0; l * d],
-                    x: vec![0.0; 2 * d],
-                    eps: vec![0.0; 2 * d],
-                    v: vec![0.0; 2 * d],
-                    x_len: d,
-                    plan: token_plan(r.params.cfg, 0, l),
+                    head: TokenHead::new(1, d),
                     head_row: 0,
                     admitted: now,
                     first_token: None,
@@ -483,9 +476,9 @@ impl Engine {
                     if r >= old_rows {
                         return Err(RuntimeError::Model(format!("internal: row {r} of a running image ≥ {old_rows}")));
                     }
-                    // Token 0 under CFG left two rows in x (each half keeps its own); later tokens one.
-                    let src = if img.x_len == 2 * d { &img.x[j * d..(j + 1) * d] } else { &img.x[..d] };
-                    pool.token[r * d..(r + 1) * d].copy_from_slice(src);
+                    // Token 0 under CFG left two rows in x (each half keeps its own); later tokens one, fed
+                    // to both halves.
+                    pool.token[r * d..(r + 1) * d].copy_from_slice(img.head.feed().row(j, d));
                     pool.position[r] = (cls + img.token - 1) as i64;
                 }
             } else {
@@ -538,10 +531,7 @@ impl Engine {
                     .copy_from_slice(&pool.condition[r * dim..(r + 1) * dim]);
             }
             h += img.n_rows;
-            img.plan = token_plan(img.cfg, img.token, l);
-            img.x_len = img.plan.noise_rows_per_image * d;
-            let (x_len, rows) = (img.x_len, img.plan.noise_rows_per_image);
-            img.noise.draw(&mut img.x[..x_len], d, rows)?;
+            img.head.begin(token_plan(img.cfg, img.token, l), 1, &mut img.noise)?;
         }
         let max_steps = order.first().map(|&i| self.images[i].steps).unwrap_or(0);
         let mut head_calls = 0u64;
@@ -555,11 +545,11 @@ impl Engine {
             let rows = last.head_row + last.n_rows;
             for &i in &order[..n_images] {
                 let img = &self.images[i];
-                let t = if k < img.steps { img.grid.times[k] } else { img.grid.last_t };
+                let t = head_call_time(&img.grid, k);
                 let hr = img.head_row;
+                let x_t = img.head.feed();
                 for j in 0..img.n_rows {
-                    let src = if img.x_len == 2 * d { &img.x[j * d..(j + 1) * d] } else { &img.x[..d] };
-                    pool.head_x[(hr + j) * d..(hr + j + 1) * d].copy_from_slice(src);
+                    pool.head_x[(hr + j) * d..(hr + j + 1) * d].copy_from_slice(x_t.row(j, d));
                     pool.head_t[hr + j] = t;
                 }
             }
@@ -568,27 +558,9 @@ impl Engine {
             head_rows += rows as u64;
             for &i in &order[..n_images] {
                 let img = &mut self.images[i];
-                let (hr, x_len) = (img.head_row, img.x_len);
+                let hr = img.head_row;
                 let vel = &pool.head_v[hr * d..(hr + img.n_rows) * d];
-                if img.plan.guided {
-                    guide(&vel[..d], &vel[d..2 * d], img.plan.guidance, &mut img.v[..d])?;
-                } else {
-                    img.v[..x_len].copy_from_slice(&vel[..x_len]);
-                }
-                let grid = &img.grid;
-                if k < img.steps {
-                    img.noise.draw(&mut img.eps[..x_len], d, img.plan.noise_rows_per_image)?;
-                    em_update(
-                        &mut img.x[..x_len],
-                        &img.v[..x_len],
-                        &img.eps[..x_len],
-                        grid.times[k],
-                        grid.dt,
-                        grid.noise_scales[k],
-                    )?;
-                } else {
-                    euler_update(&mut img.x[..x_len], &img.v[..x_len], grid.last_dt)?;
-                }
+                img.head.advance(&img.grid, k, vel, &mut img.noise)?;
             }
         }
         metrics.head_calls.fetch_add(head_calls, Ordering::Relaxed);
@@ -601,8 +573,7 @@ impl Engine {
         let mut finished = Vec::new();
         for &i in &order {
             let img = &mut self.images[i];
-            let x_len = img.x_len;
-            if !all_finite(&img.x[..x_len]) {
+            if !img.head.finish(radius)? {
                 img.failed = Some(format!(
                     "head_step produced non-finite values (velocity) at token {} of image {}: the export's weights are \
                      corrupt or the model diverged",
@@ -610,9 +581,8 @@ impl Engine {
                 ));
                 continue;
             }
-            project_rows(&mut img.x[..x_len], d, radius)?;
             let i_tok = img.token;
-            img.tokens[i_tok * d..(i_tok + 1) * d].copy_from_slice(&img.x[..d]);
+            img.tokens[i_tok * d..(i_tok + 1) * d].copy_from_slice(&img.head.x()[..d]);
             img.token += 1;
             sampled += 1;
             if img.first_token.is_none() {
