@@ -25,6 +25,28 @@ enum Cmd {
     /// p50/p95/p99 latency and time to first token. Writes serve.json, serve.md and serve.png (latency vs
     /// offered load) into --out.
     Serve(Box<ServeArgs>),
+    /// Summary of the posterior ablation (`make ablation`): reads every RUNS/<posterior>-seed<N>/ run folder
+    /// (config.json, vae-metrics.json, ar-metrics.json, eval/eval.json from `runtime eval`) and writes
+    /// ablation.json, ablation.md (Fréchet distance and judge accuracy per posterior and cfg: mean [min, max]
+    /// over seeds; VAE PSNR) and ablation.png (Fréchet distance vs CFG, one line per posterior) into --out.
+    Ablation(AblationArgs),
+}
+
+#[derive(Args)]
+struct AblationArgs {
+    /// Folder holding one run folder per (posterior, seed), named <posterior>-seed<N>.
+    #[arg(long, default_value = "runs/ablation")]
+    runs: PathBuf,
+    /// Output folder.
+    #[arg(long, default_value = "bench/ablation")]
+    out: PathBuf,
+}
+
+fn ablation_cmd(a: &AblationArgs) -> anyhow::Result<()> {
+    let r = benchmarks::ablation::run(&a.runs, &a.out)?;
+    println!("{}", r.markdown());
+    println!("wrote {}/ablation.json, ablation.md, ablation.png", a.out.display());
+    Ok(())
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -232,6 +254,7 @@ fn main() -> ExitCode {
     let res = match &cli.cmd {
         Cmd::Speed(a) => speed_cmd(a),
         Cmd::Serve(a) => serve_cmd(a),
+        Cmd::Ablation(a) => ablation_cmd(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,9 @@ use ort::session::Session;
 use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
 
-use exporter::onnx::{matmul_model, DType};
+use exporter::onnx::{model_proto, value_info, DType, Dim};
+use onnx_protobuf::{GraphProto, NodeProto};
+use protobuf::Message;
 use runtime::error::ort_err;
 use runtime::{Result, RuntimeError};
 
@@ -32,6 +34,28 @@ pub struct Bandwidth {
     pub runs: usize,
 }
 
+/// A one-node graph `C = A · B` with A [m, k] and B [k, n] as inputs, in `dtype` (float32 or float16):
+/// the probe that measures a machine's matrix-multiply rate through ONNX Runtime.
+fn matmul_model(m: usize, k: usize, n: usize, dtype: DType) -> Result<Vec<u8>> {
+    let node = NodeProto {
+        op_type: "MatMul".into(),
+        input: vec!["A".into(), "B".into()],
+        output: vec!["C".into()],
+        name: "matmul".into(),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![node],
+        name: "matmul_probe".into(),
+        input: vec![value_info("A", dtype, &[Dim::N(m), Dim::N(k)]), value_info("B", dtype, &[Dim::N(k), Dim::N(n)])],
+        output: vec![value_info("C", dtype, &[Dim::N(m), Dim::N(n)])],
+        ..Default::default()
+    };
+    model_proto(graph, "matmul probe")
+        .write_to_bytes()
+        .map_err(|e| RuntimeError::Model(format!("cannot serialise the matmul probe: {e}")))
+}
+
 /// Best-of-runs rate of `C = A·B` ([m,k]·[k,n]) through ONNX Runtime, for at least `min_seconds`.
 pub fn matmul_rate(
     env: &ort::environment::Environment,
@@ -41,7 +65,7 @@ pub fn matmul_rate(
     min_seconds: f64,
 ) -> Result<MatmulRate> {
     let dtype = if fp16 { DType::Float16 } else { DType::Float32 };
-    let bytes = matmul_model(m, k, n, dtype).map_err(|e| RuntimeError::Model(e.to_string()))?;
+    let bytes = matmul_model(m, k, n, dtype)?;
     let mut b = Session::builder(env).map_err(ort_err("matmul probe"))?;
     if let Some(t) = threads {
         b = b.with_intra_threads(t).map_err(ort_err("matmul probe threads"))?;

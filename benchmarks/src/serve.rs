@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use runtime::report::{markdown_table, write_line_chart, LineChart, Series};
+use quality::report::{markdown_table, write_line_chart, LineChart, Series};
 use runtime::serve::client;
 use runtime::serve::{Scheduler, ServeConfig, Server};
 use runtime::{Generator, GeneratorOptions};

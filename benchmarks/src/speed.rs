@@ -1,6 +1,6 @@
 //! `bench speed`: throughput of the runtime across batch sizes, head steps and precisions, the libtorch
 //! reference sampler (`trainer sample`) on the same checkpoint and settings, and the roofline of every row
-//! from the analytic cost model ([`spherear_core::cost`]) and this machine's measured peaks.
+//! from the analytic cost model ([`crate::cost`]) and this machine's measured peaks.
 //!
 //! Bounded run time: each setting samples only the first `tokens` tokens of every image (a
 //! [`spherear_core::request::SampleRequest::token_limit`]) and extrapolates to whole images from the
@@ -12,7 +12,6 @@ use std::process::Command;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use spherear_core::cost::{datasheet_gpus, Bound, Machine, ModelCost, Setting};
 use calibration::calibrate::CalibrateOptions;
 use calibration::histogram::{Method, DEFAULT_PERCENTILE};
 use calibration::quantize::{QuantizeOptions, WeightBits};
@@ -20,9 +19,10 @@ use spherear_core::manifest::{Manifest, PrecisionKind};
 use spherear_core::timing::{peak_rss_bytes, reset_peak_rss, Timing};
 use spherear_core::ModelConfig;
 
-use runtime::report::{markdown_table, write_line_chart, LineChart, Series};
+use quality::report::{markdown_table, write_line_chart, LineChart, Series};
 use runtime::{GenerateRequest, Generator, GeneratorOptions};
 
+use crate::cost::{datasheet_gpus, Bound, Machine, ModelCost, Setting};
 use crate::micro::{matmul_rate, read_bandwidth, Bandwidth, MatmulRate};
 
 /// What to benchmark.
@@ -529,7 +529,7 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
     ];
     let report = SpeedReport {
         model: cfg.name.clone(),
-        ar_parameters: spherear_core::cost::ar_params(&cfg),
+        ar_parameters: crate::cost::ar_params(&cfg),
         num_tokens: l,
         cfg: o.cfg,
         tokens_timed: tokens,

@@ -33,4 +33,10 @@ impl From<runtime::RuntimeError> for CalibError {
     }
 }
 
+impl From<quality::QualityError> for CalibError {
+    fn from(e: quality::QualityError) -> Self {
+        CalibError::Runtime(e.to_string())
+    }
+}
+
 pub type Result<T, E = CalibError> = std::result::Result<T, E>;

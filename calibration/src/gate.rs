@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use runtime::eval::{Judge, TestSplit};
+use quality::eval::{Judge, TestSplit};
 use spherear_core::fsutil;
 use runtime::{GenerateRequest, Generator, GeneratorOptions, Tokens};
 use serde::{Deserialize, Serialize};
@@ -156,7 +156,10 @@ pub fn gate_classes(num_classes: usize, limit: Option<usize>) -> Vec<i64> {
 /// Loads the judge of `o` (if any), for [`Reference::new`].
 pub fn load_judge(o: &GateOptions) -> Result<Option<Judge>> {
     Ok(match &o.judge {
-        Some(dir) => Some(Judge::load(dir, o.threads, o.ort_lib.as_deref())?),
+        Some(dir) => {
+            let (env, _) = runtime::ortlib::environment_with_threads(o.ort_lib.as_deref(), o.threads)?;
+            Some(Judge::load(dir, &env)?)
+        }
         None => None,
     })
 }

@@ -15,7 +15,7 @@ fn exports() -> Exports {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let cfg = spherear_core::ModelConfig::preset("tiny").unwrap();
-    exporter::checkpoint::write_random(&cfg, &ckpt, 3, exporter::checkpoint::Stage::Ar).unwrap();
+    exporter::random::write_random(&cfg, &ckpt, 3, exporter::checkpoint::Stage::Ar).unwrap();
     let mut out = Vec::new();
     for fp16 in [false, true] {
         let o = dir.path().join(if fp16 { "fp16" } else { "fp32" });

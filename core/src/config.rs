@@ -45,7 +45,7 @@ pub struct ArConfig {
     pub class_dropout: f64,
 }
 
-/// S-VAE: CNN patchifier + ViT encoder, Power Spherical posterior, ViT + CNN decoder.
+/// S-VAE: CNN patchifier + ViT encoder, a posterior of the family `posterior`, ViT + CNN decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaeConfig {
@@ -60,10 +60,79 @@ pub struct VaeConfig {
     pub decoder_layers: usize,
     /// Learned register tokens prepended in both ViTs (official: 4).
     pub register_tokens: usize,
+    /// Posterior family of the latents; it fixes the width of `quant_proj` and whether tokens lie on the
+    /// radius-R sphere. Configs, checkpoints and manifests written before it existed are Power Spherical.
+    #[serde(default)]
+    pub posterior: Posterior,
+}
+
+/// The VAE's posterior family (`trainer fit --stage vae --posterior NAME`; JSON: the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Posterior {
+    /// Power Spherical on the unit sphere, sampled tokens scaled to radius R (SphereAR): `quant_proj` gives
+    /// d + 1 values per token (direction, concentration); the AR model's tokens are projected onto the sphere.
+    #[default]
+    #[serde(rename = "spherical")]
+    PowerSpherical,
+    /// Diagonal Gaussian (the paper's G-xx baselines): `quant_proj` gives 2d values (μ, log σ²), z = μ + σ·ε,
+    /// KL to N(0, I); tokens are not projected anywhere.
+    #[serde(rename = "gaussian")]
+    Gaussian,
+    /// Diagonal Gaussian whose samples are projected onto the radius-R sphere before the decoder and in the AR
+    /// model (the paper's "Gaussian+norm", N-xx); the KL is still the Gaussian one.
+    #[serde(rename = "gaussian-norm")]
+    GaussianNorm,
+}
+
+impl Posterior {
+    /// Every family, in the order of [`Posterior::name`]s shown to users.
+    pub const ALL: [Posterior; 3] = [Posterior::PowerSpherical, Posterior::Gaussian, Posterior::GaussianNorm];
+
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Posterior::PowerSpherical => "spherical",
+            Posterior::Gaussian => "gaussian",
+            Posterior::GaussianNorm => "gaussian-norm",
+        }
+    }
+
+    /// Output width of `quant_proj` for tokens of dimension `d`: d + 1 (μ direction, κ) or 2d (μ, log σ²).
+    pub fn quant_proj_out(self, d: usize) -> usize {
+        match self {
+            Posterior::PowerSpherical => d + 1,
+            Posterior::Gaussian | Posterior::GaussianNorm => 2 * d,
+        }
+    }
+
+    /// True when tokens lie on the radius-R sphere (decoder input, AR training targets, sampled tokens).
+    pub fn on_sphere(self) -> bool {
+        !matches!(self, Posterior::Gaussian)
+    }
+}
+
+impl std::fmt::Display for Posterior {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Names accepted by [`ModelConfig::preset`].
 pub const PRESETS: &[&str] = &["spherear-b", "spherear-l", "spherear-h", "fmnist-32", "tiny"];
+
+/// The `format` metadata of our safetensors weight files (the trainer writes it, the exporter checks it).
+pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
+
+/// Epsilon of every RMSNorm, LayerNorm and GroupNorm of the model.
+pub const NORM_EPS: f64 = 1e-6;
+
+/// GroupNorm groups of a VAE CNN block with `channels` channels: min(channels / 4, 32).
+pub fn group_norm_groups(channels: usize) -> usize {
+    (channels / 4).min(32)
+}
+
+/// GroupNorm groups of the VAE decoder's output norm (`conv_out.0`).
+pub const OUT_NORM_GROUPS: usize = 16;
 
 /// Round `n` up to a multiple of `k`.
 pub fn find_multiple(n: usize, k: usize) -> usize {
@@ -91,6 +160,7 @@ impl VaeConfig {
             encoder_layers: 6,
             decoder_layers: 12,
             register_tokens: 4,
+            posterior: Posterior::PowerSpherical,
         }
     }
     pub fn head_dim(&self) -> usize {
@@ -158,6 +228,7 @@ impl ModelConfig {
                     encoder_layers: 2,
                     decoder_layers: 2,
                     register_tokens: 4,
+                    posterior: Posterior::PowerSpherical,
                 },
             },
             "tiny" => ModelConfig {
@@ -184,6 +255,7 @@ impl ModelConfig {
                     encoder_layers: 1,
                     decoder_layers: 1,
                     register_tokens: 4,
+                    posterior: Posterior::PowerSpherical,
                 },
             },
             other => {
@@ -205,6 +277,11 @@ impl ModelConfig {
     /// Sphere radius R = √d.
     pub fn radius(&self) -> f32 {
         (self.latent_dim as f32).sqrt()
+    }
+    /// The radius every sampled token is projected to: R when the posterior's tokens lie on the sphere,
+    /// `None` (no projection) for a plain Gaussian posterior.
+    pub fn token_radius(&self) -> Option<f32> {
+        self.vae.posterior.on_sphere().then(|| self.radius())
     }
     /// The guidance scale samplers use when none is given: the official defaults for the official presets
     /// (4.5 for SphereAR-B and -H, 4.6 for -L), 3 for the small presets (the demo's own choice).
@@ -360,6 +437,33 @@ mod tests {
         assert_eq!(b.vae.head_dim(), 64);
         let f = ModelConfig::preset("fmnist-32").unwrap();
         assert_eq!(f.grid(), 8);
+    }
+
+    #[test]
+    fn posterior_defaults_to_spherical_and_roundtrips() {
+        // A config written before the field existed (no "posterior") is Power Spherical.
+        let json = ModelConfig::preset("tiny").unwrap().to_json().replace(",\n    \"posterior\": \"spherical\"", "");
+        assert!(!json.contains("posterior"), "{json}");
+        let old = ModelConfig::from_json(&json).unwrap();
+        assert_eq!(old.vae.posterior, Posterior::PowerSpherical);
+        assert_eq!(old.token_radius(), Some(8f32.sqrt()));
+        for p in Posterior::ALL {
+            let mut c = ModelConfig::preset("tiny").unwrap();
+            c.vae.posterior = p;
+            let text = c.to_json();
+            assert!(text.contains(&format!("\"posterior\": \"{}\"", p.name())), "{text}");
+            assert_eq!(ModelConfig::from_json(&text).unwrap(), c);
+        }
+        let mut g = ModelConfig::preset("tiny").unwrap();
+        g.vae.posterior = Posterior::Gaussian;
+        assert_eq!(g.token_radius(), None);
+        assert!(!g.same_vae(&ModelConfig::preset("tiny").unwrap()), "the posterior is part of the VAE");
+        assert_eq!((Posterior::PowerSpherical.quant_proj_out(16), Posterior::Gaussian.quant_proj_out(16)), (17, 32));
+        g.vae.posterior = Posterior::GaussianNorm;
+        assert_eq!(g.token_radius(), Some(8f32.sqrt()));
+        let bad = g.to_json().replace("gaussian-norm", "gauss");
+        let e = ModelConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `gauss`") && e.contains("`gaussian-norm`"), "{e}");
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!   to a square and resized to `size × size` (triangle filter).
 //!
 //! A loaded [`Dataset`] holds images row-major `[N, 3, size, size]` as RGB in `[−1, 1]`
-//! (pixel `p ∈ 0..=255` maps to `p / 127.5 − 1`); [`to_u8_pixel`] is the inverse rule used when
-//! writing images, and [`save_grid_png`] writes a batch as a PNG grid.
+//! (pixel `p ∈ 0..=255` maps to `p / 127.5 − 1`); [`crate::grid::to_u8_pixel`] is the inverse rule used
+//! when writing images.
 //!
 //! [`Shuffler`] yields a seeded, resumable epoch-wise permutation of sample indices.
 
@@ -24,6 +24,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::noise::splitmix64;
 use crate::CoreError;
 
 /// Where the Debian package `dataset-fashion-mnist` installs the IDX files.
@@ -45,14 +46,6 @@ fn data_err(msg: String) -> CoreError {
 #[inline]
 fn pixel_to_f32(p: u8) -> f32 {
     p as f32 / 127.5 - 1.0
-}
-
-/// The official pixel rule: `clamp(127.5·x + 128, 0, 255)` truncated to `u8`
-/// (as `torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)`). NaN maps to 0.
-#[inline]
-pub fn to_u8_pixel(x: f32) -> u8 {
-    // `as u8` truncates toward zero and maps NaN to 0; the clamp keeps it in range.
-    (127.5 * x + 128.0).clamp(0.0, 255.0) as u8
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,15 +181,6 @@ impl Dataset {
 // ---------------------------------------------------------------------------------------------
 // Shuffler
 // ---------------------------------------------------------------------------------------------
-
-/// The SplitMix64 output function (Steele, Lea & Flood 2014): the state `z` advanced by the golden
-/// gamma, then mixed. `splitmix64(0) = 0xE220_A839_7B1D_CDAF`, the generator's first output from state 0.
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// The permutation of `0..n` used for epoch `epoch` by a [`Shuffler`] seeded with `seed`:
 /// `0..n` shuffled (rand 0.8 `SliceRandom::shuffle`) with
@@ -705,35 +689,6 @@ pub fn load_image_folder(root: &Path, split: Split, size: usize, limit: Option<u
 }
 
 // ---------------------------------------------------------------------------------------------
-// Writing
-// ---------------------------------------------------------------------------------------------
-
-/// Writes `n` images `[n, 3, size, size]` (values in `[−1, 1]`, converted with [`to_u8_pixel`])
-/// as one PNG grid: `min(cols, n)` columns, `ceil(n / cols)` rows, images edge to edge with no
-/// borders in row-major order; unused cells of the last row are black. Written atomically.
-pub fn save_grid_png(path: &Path, images: &[f32], n: usize, size: usize, cols: usize) -> Result<(), CoreError> {
-    if n == 0 || size == 0 || cols == 0 {
-        return Err(CoreError::Invalid(format!(
-            "cannot write grid {}: need n, size and cols ≥ 1 (got {n}, {size}, {cols})",
-            path.display()
-        )));
-    }
-    let per = 3 * size * size;
-    if images.len() != n * per {
-        return Err(CoreError::Invalid(format!(
-            "cannot write grid {}: {} values do not form {n} images of 3×{size}×{size}",
-            path.display(),
-            images.len()
-        )));
-    }
-    let mut grid = crate::grid::GridCanvas::new(n, size, cols)?;
-    for (i, img) in images.chunks_exact(per).enumerate() {
-        grid.put(i, img)?;
-    }
-    grid.save(path)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
@@ -1129,48 +1084,6 @@ mod tests {
         ds.gather_batch(&idx, &mut out, Some(&mut ChaCha8Rng::seed_from_u64(0)));
         let flipped = out.chunks(27).filter(|c| *c != ds.image(0)).count();
         assert!(flipped > 0 && flipped < 64);
-    }
-
-    #[test]
-    fn pixel_rule() {
-        assert_eq!(to_u8_pixel(-1.0), 0);
-        assert_eq!(to_u8_pixel(1.0), 255);
-        assert_eq!(to_u8_pixel(0.0), 128);
-        assert_eq!(to_u8_pixel(-5.0), 0);
-        assert_eq!(to_u8_pixel(5.0), 255);
-        assert_eq!(to_u8_pixel(f32::NAN), 0);
-        // Round trip of every byte through [−1, 1] is off by at most one (rule adds 0.5).
-        for p in 0..=255u8 {
-            let q = to_u8_pixel(pixel_to_f32(p)) as i32;
-            assert!((q - p as i32).abs() <= 1, "{p} -> {q}");
-        }
-    }
-
-    #[test]
-    fn grid_png_round_trip() {
-        let d = tempfile::tempdir().unwrap();
-        let (n, size, cols) = (5, 3, 2);
-        let plane = size * size;
-        let images: Vec<f32> = (0..n * 3 * plane).map(|i| ((i * 37) % 256) as f32 / 127.5 - 1.0).collect();
-        let path = d.path().join("grid.png");
-        save_grid_png(&path, &images, n, size, cols).unwrap();
-        let g = image::open(&path).unwrap().to_rgb8();
-        assert_eq!(g.dimensions(), (6, 9));
-        for i in 0..n {
-            let (x0, y0) = ((i % cols) * size, (i / cols) * size);
-            for c in 0..3 {
-                for y in 0..size {
-                    for x in 0..size {
-                        let v = images[i * 3 * plane + c * plane + y * size + x];
-                        let px = g.get_pixel((x0 + x) as u32, (y0 + y) as u32).0[c];
-                        assert_eq!(px, to_u8_pixel(v));
-                    }
-                }
-            }
-        }
-        assert_eq!(g.get_pixel(5, 8).0, [0, 0, 0], "empty cell is black");
-        let e = save_grid_png(&path, &images[1..], n, size, cols).unwrap_err();
-        assert!(matches!(e, CoreError::Invalid(_)));
     }
 
     #[test]

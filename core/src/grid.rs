@@ -10,8 +10,15 @@ use std::path::Path;
 
 use image::{ImageFormat, RgbImage};
 
-use crate::data::to_u8_pixel;
 use crate::CoreError;
+
+/// The official pixel rule: `clamp(127.5·x + 128, 0, 255)` truncated to `u8`
+/// (as `torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)`). NaN maps to 0.
+#[inline]
+pub fn to_u8_pixel(x: f32) -> u8 {
+    // `as u8` truncates toward zero and maps NaN to 0; the clamp keeps it in range.
+    (127.5 * x + 128.0).clamp(0.0, 255.0) as u8
+}
 
 /// Largest PNG side (the format's limit, 2³¹ − 1 pixels).
 pub const MAX_PNG_SIDE: usize = (1 << 31) - 1;
@@ -87,6 +94,31 @@ impl GridCanvas {
     }
 }
 
+/// Writes `n` images `[n, 3, size, size]` (values in `[−1, 1]`, converted with [`to_u8_pixel`])
+/// as one PNG grid: `min(cols, n)` columns, `ceil(n / cols)` rows, images edge to edge with no
+/// borders in row-major order; unused cells of the last row are black. Written atomically.
+pub fn save_grid_png(path: &Path, images: &[f32], n: usize, size: usize, cols: usize) -> Result<(), CoreError> {
+    if n == 0 || size == 0 || cols == 0 {
+        return Err(CoreError::Invalid(format!(
+            "cannot write grid {}: need n, size and cols ≥ 1 (got {n}, {size}, {cols})",
+            path.display()
+        )));
+    }
+    let per = 3 * size * size;
+    if images.len() != n * per {
+        return Err(CoreError::Invalid(format!(
+            "cannot write grid {}: {} values do not form {n} images of 3×{size}×{size}",
+            path.display(),
+            images.len()
+        )));
+    }
+    let mut grid = GridCanvas::new(n, size, cols)?;
+    for (i, img) in images.chunks_exact(per).enumerate() {
+        grid.put(i, img)?;
+    }
+    grid.save(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +135,47 @@ mod tests {
         assert!(g.put(0, &[0.0; 2]).is_err());
         assert_eq!(g.canvas.get_pixel(0, 1).0, [255, 0, 128]);
         assert_eq!(g.canvas.get_pixel(1, 1).0, [0, 0, 0], "unused cell stays black");
+    }
+
+    #[test]
+    fn pixel_rule() {
+        assert_eq!(to_u8_pixel(-1.0), 0);
+        assert_eq!(to_u8_pixel(1.0), 255);
+        assert_eq!(to_u8_pixel(0.0), 128);
+        assert_eq!(to_u8_pixel(-5.0), 0);
+        assert_eq!(to_u8_pixel(5.0), 255);
+        assert_eq!(to_u8_pixel(f32::NAN), 0);
+        // Round trip of every byte through [−1, 1] is off by at most one (rule adds 0.5).
+        for p in 0..=255u8 {
+            let q = to_u8_pixel(p as f32 / 127.5 - 1.0) as i32;
+            assert!((q - p as i32).abs() <= 1, "{p} -> {q}");
+        }
+    }
+
+    #[test]
+    fn grid_png_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let (n, size, cols) = (5, 3, 2);
+        let plane = size * size;
+        let images: Vec<f32> = (0..n * 3 * plane).map(|i| ((i * 37) % 256) as f32 / 127.5 - 1.0).collect();
+        let path = d.path().join("grid.png");
+        save_grid_png(&path, &images, n, size, cols).unwrap();
+        let g = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(g.dimensions(), (6, 9));
+        for i in 0..n {
+            let (x0, y0) = ((i % cols) * size, (i / cols) * size);
+            for c in 0..3 {
+                for y in 0..size {
+                    for x in 0..size {
+                        let v = images[i * 3 * plane + c * plane + y * size + x];
+                        let px = g.get_pixel((x0 + x) as u32, (y0 + y) as u32).0[c];
+                        assert_eq!(px, to_u8_pixel(v));
+                    }
+                }
+            }
+        }
+        assert_eq!(g.get_pixel(5, 8).0, [0, 0, 0], "empty cell is black");
+        let e = save_grid_png(&path, &images[1..], n, size, cols).unwrap_err();
+        assert!(matches!(e, CoreError::Invalid(_)));
     }
 }

@@ -90,7 +90,7 @@ pub fn vae_keys(cfg: &ModelConfig) -> Vec<KeySpec> {
     let c0 = v.cnn_chs[0];
     o.norm_affine(&format!("{dd}.conv_out.0"), c0);
     o.add(format!("{dd}.conv_out.2.weight"), &[3, c0, 3, 3]);
-    o.linear("vae.quant_proj", d + 1, z);
+    o.linear("vae.quant_proj", v.posterior.quant_proj_out(d), z);
     o.add("vae.post_quant_proj.weight", &[z, d]);
     o.0
 }

@@ -1,15 +1,13 @@
 //! spherear-core: the math and formats every crate of the toolchain shares, with no libtorch.
 //!
 //! - [`config`]: model presets and config.json
-//! - [`cost`]: analytic FLOPs / weight bytes of sampling and the roofline bound
-//! - [`stats`]: feature Gaussians and the Fréchet distance
 //! - [`timing`]: per-stage timing of sampling runs, extrapolation, peak RSS
 //! - [`noise`]: the seeded noise source and its documented draw order
 //! - [`sphere`]: projection onto the radius-R sphere
 //! - [`rope`]: the 2-D RoPE table
 //! - [`schedule`]: linear CFG schedule and the Euler–Maruyama time grid
 //! - [`sampler`]: the token loop both samplers run (generic over a [`sampler::TokenBackend`]), its stats
-//! - [`data`]: Fashion-MNIST IDX and ImageFolder loading
+//! - `data` (cargo feature `datasets`): Fashion-MNIST IDX and ImageFolder loading
 //! - [`grid`]: the PNG grid canvas, filled image by image
 //! - [`fsutil`]: safe output writes: atomic files and folders that never replace what is not ours
 //! - [`validate`]: checks of numeric command-line values with one message shape
@@ -17,7 +15,7 @@
 //! - [`manifest`]: `manifest.json` of an ONNX export (serde types, load + format-version check)
 
 pub mod config;
-pub mod cost;
+#[cfg(feature = "datasets")]
 pub mod data;
 pub mod fsutil;
 pub mod grid;
@@ -30,12 +28,10 @@ pub mod rope;
 pub mod sampler;
 pub mod schedule;
 pub mod sphere;
-pub mod stats;
 pub mod timing;
-pub mod torch_pickle;
 pub mod validate;
 
-pub use config::{ArConfig, ModelConfig, VaeConfig};
+pub use config::{ArConfig, ModelConfig, Posterior, VaeConfig};
 
 /// Errors of the core library; each carries a one-line message meant for the user.
 #[derive(Debug, thiserror::Error)]

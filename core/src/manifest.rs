@@ -8,6 +8,9 @@
 //! batching) and [`KvCache::attention`] says how `ar_step` attends. Version 1 exports (one shared
 //! `position` [1]) are refused with a message asking for a re-export.
 //!
+//! [`Manifest::posterior`] (and `config.vae.posterior`) are optional in the file, without a version bump:
+//! manifests written before them load as Power Spherical, the only posterior there was.
+//!
 //! Per-graph precision ([`GraphEntry::precision`], [`GraphPrecision`]) is optional in the file: the
 //! exporter does not write it (every graph is in `precision.compute`), `calibration quantize` writes it for
 //! every graph (w8/w4 MatMulNBits graphs, weight bytes per call), and [`Manifest::from_json`] fills the
@@ -18,7 +21,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Posterior};
 use crate::CoreError;
 
 /// Value of the manifest's `format` field.
@@ -356,7 +359,13 @@ pub struct Manifest {
     pub onnx_opset: i64,
     pub stage: Stage,
     pub config: ModelConfig,
+    /// The sphere radius R = √d (tokens are projected onto it only when [`Manifest::posterior`] says so).
     pub radius: f32,
+    /// The VAE's posterior family (= `config.vae.posterior`): whether sampled tokens are projected onto the
+    /// radius-R sphere ([`Manifest::token_radius`]). Absent in manifests written before it existed, which
+    /// are all Power Spherical.
+    #[serde(default)]
+    pub posterior: Posterior,
     pub latent_dim: usize,
     pub num_classes: usize,
     pub null_class_id: usize,
@@ -403,6 +412,7 @@ impl Manifest {
             onnx_opset: 21,
             stage,
             radius: config.radius(),
+            posterior: config.vae.posterior,
             latent_dim: config.latent_dim,
             num_classes: config.num_classes,
             null_class_id: config.null_class(),
@@ -504,6 +514,12 @@ impl Manifest {
         if !(self.radius.is_finite() && self.radius > 0.0) {
             return err(format!("radius must be finite and positive, got {}", self.radius));
         }
+        if self.posterior != c.vae.posterior {
+            return err(format!(
+                "posterior is {} but the config's VAE has the {} posterior",
+                self.posterior, c.vae.posterior
+            ));
+        }
         if self.max_batch == 0 {
             return err("max_batch must be at least 1".into());
         }
@@ -545,6 +561,11 @@ impl Manifest {
     /// if there is no such graph.
     pub fn graph_precision(&self, name: &str) -> Option<GraphPrecision> {
         self.graphs.get(name).map(|g| g.precision_or(self.precision.compute))
+    }
+
+    /// The radius sampled tokens are projected to: R for latents on the sphere, `None` for a Gaussian VAE.
+    pub fn token_radius(&self) -> Option<f32> {
+        self.posterior.on_sphere().then_some(self.radius)
     }
 
     /// Whether any graph stores quantized weights (w8/w4/int8).
@@ -637,6 +658,31 @@ mod tests {
             weight_bytes: Some(1234),
             lookup_bytes: Some(64),
         }
+    }
+
+    #[test]
+    fn posterior_is_recorded_and_old_manifests_are_spherical() {
+        let mut cfg = ModelConfig::preset("tiny").unwrap();
+        cfg.vae.posterior = Posterior::Gaussian;
+        let mut g = sample();
+        g.config = cfg.clone();
+        g.posterior = cfg.vae.posterior;
+        let text = g.to_json().unwrap();
+        let back = Manifest::from_json(&text).unwrap();
+        assert_eq!((back.posterior, back.token_radius()), (Posterior::Gaussian, None));
+        // A manifest from before the field: neither the manifest nor its config names a posterior.
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json().unwrap()).unwrap();
+        assert_eq!(v["posterior"], "spherical");
+        v.as_object_mut().unwrap().remove("posterior");
+        v["config"]["vae"].as_object_mut().unwrap().remove("posterior");
+        let old = Manifest::from_json(&v.to_string()).unwrap();
+        assert_eq!(old.posterior, Posterior::PowerSpherical);
+        assert_eq!(old.token_radius(), Some(8f32.sqrt()));
+        // The two records must agree.
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["posterior"] = "spherical".into();
+        let e = Manifest::from_json(&v.to_string()).unwrap_err().to_string();
+        assert!(e.contains("posterior is spherical but the config's VAE has the gaussian posterior"), "{e}");
     }
 
     #[test]

@@ -26,14 +26,23 @@ use rand_distr::StandardNormal;
 use crate::CoreError;
 
 /// The seed of step `step` of a training run seeded with `seed`: `splitmix64(splitmix64(seed) ^ step)`
-/// (SplitMix64's output function, see `data::splitmix64`).
+/// (SplitMix64's output function, [`splitmix64`]).
 ///
 /// The trainer re-seeds all of a step's randomness from it at the start of every step (libtorch's
 /// generator, and the host RNG of flip augmentation), so a step draws the same numbers whether the run
 /// got there without a break or resumed from a checkpoint, and no generator state has to be saved.
 /// The mix differs from the shuffler's per-epoch seed (`splitmix64(seed ^ splitmix64(epoch))`).
 pub fn step_seed(seed: u64, step: u64) -> u64 {
-    crate::data::splitmix64(crate::data::splitmix64(seed) ^ step)
+    splitmix64(splitmix64(seed) ^ step)
+}
+
+/// The SplitMix64 output function (Steele, Lea & Flood 2014): the state `z` advanced by the golden
+/// gamma, then mixed. `splitmix64(0) = 0xE220_A839_7B1D_CDAF`, the generator's first output from state 0.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The noise stream of one image: standard normal f32 values from ChaCha8 stream `image_index`.
@@ -136,8 +145,8 @@ mod tests {
     #[test]
     fn step_seed_is_pinned() {
         // SplitMix64 from state 0 gives 0xE220A8397B1DCDAF first (the published reference value).
-        assert_eq!(crate::data::splitmix64(0), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(step_seed(0, 0), crate::data::splitmix64(0xE220_A839_7B1D_CDAF));
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(step_seed(0, 0), splitmix64(0xE220_A839_7B1D_CDAF));
         // Pinned values, computed independently (a 6-line Python SplitMix64): if these change, every
         // training run draws different numbers (and resumed runs of older checkpoints diverge).
         assert_eq!(

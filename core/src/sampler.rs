@@ -15,7 +15,8 @@
 //!    - the head integration of [`TokenHead`]: the [`token_plan`] of the linear CFG schedule, the start noise,
 //!      then `steps` Euler–Maruyama steps and one final Euler step, each one [`TokenBackend::velocity`] call over
 //!      all AR rows (guided: x fed to both CFG halves, v = v_u + g·(v_c − v_u)); x must end finite and is
-//!      projected onto the radius-R sphere.
+//!      projected onto the radius-R sphere when [`LoopShape::radius`] is given (every posterior but the plain
+//!      Gaussian one).
 //!    - image j's token i is row j of x (its conditional row).
 //!    - `on_tokens` is told; `ControlFlow::Break` stops the request.
 //!
@@ -127,8 +128,9 @@ pub struct LoopShape {
     pub num_tokens: usize,
     /// Token dimension, d.
     pub latent_dim: usize,
-    /// Sphere radius R.
-    pub radius: f32,
+    /// Radius every sampled token is projected to (R for latents on the sphere); `None`: no projection
+    /// (a Gaussian posterior, [`crate::ModelConfig::token_radius`]).
+    pub radius: Option<f32>,
     /// Class id of the CFG null class.
     pub null_class: i64,
 }
@@ -270,7 +272,7 @@ impl TokenHead {
         if velocity.len() < need || k > grid.steps {
             return Err(CoreError::Invalid(format!(
                 "token head: call {k} of {} with {} velocity values, expected {need}",
-                grid.steps + 1,
+                crate::schedule::head_evals(grid.steps),
                 velocity.len()
             )));
         }
@@ -288,14 +290,16 @@ impl TokenHead {
         }
     }
 
-    /// Ends the token: `false` (x untouched) when x holds NaN/±Inf, else every row projected onto the sphere of
-    /// radius `radius` and `true`.
-    pub fn finish(&mut self, radius: f32) -> Result<bool, CoreError> {
+    /// Ends the token: `false` (x untouched) when x holds NaN/±Inf, else `true` with every row projected onto
+    /// the sphere of radius `radius` when one is given (left as integrated when `None`).
+    pub fn finish(&mut self, radius: Option<f32>) -> Result<bool, CoreError> {
         let x = &mut self.x[..self.x_len];
         if !x.iter().all(|v| v.is_finite()) {
             return Ok(false);
         }
-        project_rows(x, self.d, radius)?;
+        if let Some(r) = radius {
+            project_rows(x, self.d, r)?;
+        }
         Ok(true)
     }
 }
@@ -436,6 +440,7 @@ impl BatchLoop<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sphere::project;
 
     /// A toy model on the host: condition = class id (+ 0.5 · token fed), velocity = −x_t + condition + t, with
     /// call counters and a record of every input.
@@ -485,7 +490,7 @@ mod tests {
     }
 
     fn shape(l: usize, d: usize) -> LoopShape {
-        LoopShape { num_tokens: l, latent_dim: d, radius: 2.0, null_class: 9 }
+        LoopShape { num_tokens: l, latent_dim: d, radius: Some(2.0), null_class: 9 }
     }
 
     fn request(classes: &[i64], cfg: f32, steps: usize, batch: usize) -> SampleRequest {
@@ -585,6 +590,31 @@ mod tests {
     }
 
     #[test]
+    fn projection_only_with_a_radius() {
+        // The same request with and without a radius: identical up to the projection of every token.
+        let (l, d) = (3, 2);
+        let req = request(&[1, 2], 3.0, 2, 2);
+        let mut toy = Toy { d, ..Default::default() };
+        let (on, _) = run(&mut toy, &req, l);
+        let mut toy = Toy { d, ..Default::default() };
+        let free = match sample_request(&mut toy, &LoopShape { radius: None, ..shape(l, d) }, &req, 2, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        {
+            ControlFlow::Continue((t, _)) => t,
+            ControlFlow::Break(()) => panic!("not cancelled"),
+        };
+        let norms: Vec<f32> = free.chunks(d).map(|t| t.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+        assert!(norms.iter().any(|n| (n - 2.0).abs() > 0.1), "unprojected tokens all of norm 2: {norms:?}");
+        // Token 0 of each image is sampled before anything is fed back: the projection is the only difference.
+        for j in 0..2 {
+            let row = &free[j * l * d..j * l * d + d];
+            assert_eq!(project(row, 2.0).unwrap(), on[j * l * d..j * l * d + d].to_vec());
+        }
+    }
+
+    #[test]
     fn token_head_matches_the_update_rules() {
         // One image, guided token: x_0 from the stream, v guided, EM step then the Euler step, projection.
         let (d, l) = (3, 8);
@@ -609,7 +639,7 @@ mod tests {
         head.advance(&grid, 1, &raw, &mut noise).unwrap();
         euler_update(&mut x, &v, grid.last_dt).unwrap();
         assert_eq!(head.x(), &x[..]);
-        assert!(head.finish(4.0).unwrap());
+        assert!(head.finish(Some(4.0)).unwrap());
         project_rows(&mut x, d, 4.0).unwrap();
         assert_eq!(head.x(), &x[..]);
         assert!(head.advance(&grid, 2, &raw, &mut noise).is_err(), "only steps + 1 calls");
@@ -618,7 +648,7 @@ mod tests {
         // A non-finite x is reported and left as it is.
         head.begin(token_plan(1.0, 0, l), 1, &mut noise).unwrap();
         head.advance(&grid, 1, &[f32::NAN; 3], &mut noise).unwrap();
-        assert!(!head.finish(4.0).unwrap());
+        assert!(!head.finish(Some(4.0)).unwrap());
         assert!(head.x().iter().all(|v| v.is_nan()));
         assert!(head.begin(token_plan(3.0, 0, l), 2, &mut noise).is_err(), "2 images in buffers for 1");
     }

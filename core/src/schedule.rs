@@ -240,13 +240,6 @@ pub fn timestep_frequencies(dim: usize) -> Vec<f32> {
     (0..half).map(|j| (-TIME_MAX_PERIOD.ln() * j as f32 / half as f32).exp()).collect()
 }
 
-/// Reference time embedding of one t: [cos(1000·t·f), sin(1000·t·f)] (dim even).
-pub fn timestep_embedding(t: f32, dim: usize) -> Vec<f32> {
-    let f = timestep_frequencies(dim);
-    let args: Vec<f32> = f.iter().map(|f| TIME_FACTOR * t * f).collect();
-    args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect()
-}
-
 #[cfg(test)]
 mod time_embedding_tests {
     use super::*;
@@ -256,10 +249,5 @@ mod time_embedding_tests {
         let f = timestep_frequencies(4);
         assert_eq!(f.len(), 2);
         assert!((f[0] - 1.0).abs() < 1e-7 && (f[1] - 0.01).abs() < 1e-7, "{f:?}");
-        let e = timestep_embedding(0.001, 4); // args [1, 0.01]
-        let want = [1f32.cos(), 0.01f32.cos(), 1f32.sin(), 0.01f32.sin()];
-        for (a, b) in e.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6);
-        }
     }
 }

@@ -8,7 +8,7 @@
 //! everything else — weights, matmuls, convolutions and the KV cache — is fp16. Graph inputs and outputs are
 //! fp32 except the KV cache, which is in the activation dtype.
 
-use spherear_core::config::{head_hidden, ModelConfig};
+use spherear_core::config::{group_norm_groups, head_hidden, ModelConfig, OUT_NORM_GROUPS};
 use spherear_core::keys::TIME_FREQ_DIM;
 use spherear_core::rope::{rope_2d, RopeTable};
 use spherear_core::schedule::{timestep_frequencies, TIME_FACTOR};
@@ -17,7 +17,8 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::onnx::{af, ai, ais, Builder, DType, Dim, Layout, Value, BATCH};
 
-const NORM_EPS: f32 = 1e-6;
+/// [`spherear_core::config::NORM_EPS`] as the f32 the graphs' norms take.
+const NORM_EPS: f32 = spherear_core::config::NORM_EPS as f32;
 /// Added to masked attention scores (fp32).
 const MASKED: f32 = -1e9;
 
@@ -336,7 +337,8 @@ pub fn ar_step(b: B, cfg: &ModelConfig, attention: Attention) -> Result<()> {
         "token",
         DType::Float32,
         vec![BATCH, Dim::N(d)],
-        "image token i-1 of each row (on the radius-R sphere); under CFG the same token for both halves",
+        "image token i-1 of each row (on the radius-R sphere unless the posterior is gaussian); under CFG the same \
+         token for both halves",
     )?;
     let pos = b.input(
         "position",
@@ -576,7 +578,7 @@ pub fn decoder(b: B, ckpt: &Checkpoint) -> Result<()> {
         "tokens",
         DType::Float32,
         vec![BATCH, Dim::N(l), Dim::N(cfg.latent_dim)],
-        "image tokens in raster order, on the radius-R sphere",
+        "image tokens in raster order, on the radius-R sphere unless the posterior is gaussian",
     )?;
     let mut b = b.pp("vae");
     let x = down(&mut b, &tokens)?;
@@ -611,28 +613,27 @@ pub fn decoder(b: B, ckpt: &Checkpoint) -> Result<()> {
     let x = b.op("Slice", &[&x, &st, &en, &ax1], vec![])?;
     let x = b.reshape(&x, &[0, g, g, z as i64])?;
     let mut x = b.transpose(&x, &[0, 3, 1, 2])?;
-    let groups = |ch: usize| (ch / 4).min(32);
     let chs: Vec<usize> = v.cnn_chs.iter().rev().copied().collect();
     for (i, w) in chs.windows(2).enumerate() {
         let (ci, co) = (w[0], w[1]);
         let mut b = b.pp(format!("unpatchify.1.net.{i}"));
-        let hdn = group_norm(&mut b, &x, "block.0", groups(ci))?;
+        let hdn = group_norm(&mut b, &x, "block.0", group_norm_groups(ci))?;
         let hdn = silu(&mut b, &hdn)?;
         let hdn = conv_t(&mut b, &hdn, "block.2", 2, 1)?;
-        let hdn = group_norm(&mut b, &hdn, "block.3", groups(co))?;
+        let hdn = group_norm(&mut b, &hdn, "block.3", group_norm_groups(co))?;
         let hdn = silu(&mut b, &hdn)?;
         let hdn = conv(&mut b, &hdn, "block.5", 1, 1)?;
         let sc = conv_t(&mut b, &x, "shortcut", 2, 0)?;
         let y = b.add(&sc, &hdn)?;
-        let h2 = group_norm(&mut b, &y, "block2.0", groups(co))?;
+        let h2 = group_norm(&mut b, &y, "block2.0", group_norm_groups(co))?;
         let h2 = silu(&mut b, &h2)?;
         let h2 = conv(&mut b, &h2, "block2.2", 1, 1)?;
-        let h2 = group_norm(&mut b, &h2, "block2.3", groups(co))?;
+        let h2 = group_norm(&mut b, &h2, "block2.3", group_norm_groups(co))?;
         let h2 = silu(&mut b, &h2)?;
         let h2 = conv(&mut b, &h2, "block2.5", 1, 1)?;
         x = b.add(&y, &h2)?;
     }
-    let x = group_norm(&mut b, &x, "conv_out.0", 16)?;
+    let x = group_norm(&mut b, &x, "conv_out.0", OUT_NORM_GROUPS)?;
     let x = silu(&mut b, &x)?;
     let x = conv(&mut b, &x, "conv_out.2", 1, 1)?;
     let lo = scalar(&mut b, -1.0);

@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng};
+use spherear_core::config::WEIGHTS_FORMAT;
 use spherear_core::judge::{
     conv_bias_key, conv_weight_key, judge_keys, JudgeConfig, JudgeManifest, FC_PREFIX, JUDGE_CONFIG_FILE, JUDGE_FORMAT,
     JUDGE_GRAPH_FILE, JUDGE_METRICS_FILE, JUDGE_STAGE, JUDGE_WEIGHTS_DATA_FILE, JUDGE_WEIGHTS_FILE, OUT_PREFIX,
 };
 use spherear_core::manifest::MANIFEST_FILE;
 
-use crate::checkpoint::{check_finite, read_keys, write_weights, Tensor, WEIGHTS_FORMAT};
+use crate::checkpoint::{check_finite, read_keys, Tensor};
 use crate::error::{io_err, ExportError, Result};
 use crate::export::{check_output, holds_manifest_of};
 use crate::onnx::{ai, ais, Builder, DType, Dim, Layout, Value, WeightFile, WeightSource, BATCH};
@@ -188,26 +188,6 @@ pub fn export_judge(opts: &JudgeExportOptions) -> Result<JudgeManifest> {
     })
 }
 
-/// Writes a random-init judge run folder (`judge-config.json` + `judge.safetensors`, no metrics) for tests:
-/// weights uniform with variance 1/fan_in, biases ±0.1.
-pub fn write_random(cfg: &JudgeConfig, dir: &Path, seed: u64) -> Result<()> {
-    cfg.validate()?;
-    std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let keys = judge_keys(cfg);
-    let bufs: Vec<Vec<u8>> = keys
-        .iter()
-        .map(|k| {
-            let n: usize = k.shape.iter().product();
-            let a = if k.shape.len() == 1 { 0.1 } else { (3.0 / k.shape[1..].iter().product::<usize>() as f32).sqrt() };
-            (0..n).flat_map(|_| rng.gen_range(-a..a).to_le_bytes()).collect()
-        })
-        .collect();
-    write_weights(&dir.join(JUDGE_WEIGHTS_FILE), &keys, &bufs, JUDGE_STAGE, cfg.to_json())?;
-    cfg.save(&dir.join(JUDGE_CONFIG_FILE))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +200,7 @@ mod tests {
     fn export_writes_graph_weights_and_manifest() {
         let tmp = tempfile::tempdir().unwrap();
         let ckpt = tmp.path().join("run");
-        write_random(&small(), &ckpt, 1).unwrap();
+        crate::random::write_random_judge(&small(), &ckpt, 1).unwrap();
         std::fs::write(ckpt.join(JUDGE_METRICS_FILE), r#"{"test_accuracy": 0.5, "dataset": "toy"}"#).unwrap();
         let out = tmp.path().join("export");
         let opts = JudgeExportOptions { checkpoint: ckpt.clone(), out: out.clone(), force: false };
@@ -250,7 +230,7 @@ mod tests {
         assert!(!out.exists());
         // Config and weights that disagree.
         let ckpt = tmp.path().join("run");
-        write_random(&small(), &ckpt, 1).unwrap();
+        crate::random::write_random_judge(&small(), &ckpt, 1).unwrap();
         JudgeConfig { feature_dim: 7, ..small() }.save(&ckpt.join(JUDGE_CONFIG_FILE)).unwrap();
         let err = export_judge(&opts(&ckpt)).unwrap_err().to_string();
         assert!(err.contains("checkpoint/config mismatch"), "{err}");

@@ -3,10 +3,13 @@
 //!
 //! - [`onnx`]: a small typed graph builder over the ONNX protos, with checkpoint weights streamed into one
 //!   external-data file shared by all graphs
-//! - [`checkpoint`]: reading and validating checkpoints; writing random-init ones for tests
+//! - [`checkpoint`]: reading and validating checkpoints
 //! - [`graphs`]: the four graphs (`ar_prefill`, `ar_step`, `head_step`, `decoder`)
 //! - [`export`]: the `exporter onnx` command: atomic output folder and `manifest.json`
 //! - [`judge`]: the `exporter judge` command: the judge classifier as `judge.onnx` + core's judge manifest
+//! - `random` (cargo feature `random-init`): random-init checkpoint folders for tests and benchmarks
+//!
+//! Library users who only export: `default-features = false` (no command-line crates, no random writers).
 
 pub mod checkpoint;
 pub mod error;
@@ -14,6 +17,8 @@ pub mod export;
 pub mod graphs;
 pub mod judge;
 pub mod onnx;
+#[cfg(any(test, feature = "random-init"))]
+pub mod random;
 
 pub use error::{ExportError, Result};
 pub use export::{export, ExportOptions};

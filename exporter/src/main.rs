@@ -115,7 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::RandomCheckpoint { preset, out, seed, vae_only } => {
             let stage = if vae_only { Stage::Vae } else { Stage::Ar };
             let cfg = spherear_core::ModelConfig::preset(&preset)?;
-            exporter::checkpoint::write_random(&cfg, &out, seed, stage)
+            exporter::random::write_random(&cfg, &out, seed, stage)
                 .with_context(|| format!("cannot write a random checkpoint to {}", out.display()))?;
             println!("wrote random {preset} checkpoint to {}", out.display());
         }

@@ -436,7 +436,8 @@ pub fn ais(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { ints: v.to_vec(), ..attr(name, AttributeType::INTS) }
 }
 
-fn value_info(name: &str, dtype: DType, shape: &[Dim]) -> ValueInfoProto {
+/// A graph input/output declaration of `dtype` and `shape`.
+pub fn value_info(name: &str, dtype: DType, shape: &[Dim]) -> ValueInfoProto {
     let dim = shape
         .iter()
         .map(|d| Dimension {
@@ -882,7 +883,7 @@ pub fn import_ms_domain_if_used(model: &mut ModelProto) {
 
 /// A model around `graph`: IR [`IR_VERSION`], default-domain opset [`OPSET`] (plus `com.microsoft` where
 /// a node uses it), our producer name.
-fn model_proto(graph: GraphProto, doc: &str) -> ModelProto {
+pub fn model_proto(graph: GraphProto, doc: &str) -> ModelProto {
     let mut m = ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
@@ -894,28 +895,6 @@ fn model_proto(graph: GraphProto, doc: &str) -> ModelProto {
     };
     import_ms_domain_if_used(&mut m);
     m
-}
-
-/// A one-node graph `C = A · B` with A [m, k] and B [k, n] as inputs, in `dtype` (float32 or float16):
-/// the probe the benchmarks use to measure a machine's matrix-multiply rate through ONNX Runtime.
-pub fn matmul_model(m: usize, k: usize, n: usize, dtype: DType) -> Result<Vec<u8>> {
-    let node = NodeProto {
-        op_type: "MatMul".into(),
-        input: vec!["A".into(), "B".into()],
-        output: vec!["C".into()],
-        name: "matmul".into(),
-        ..Default::default()
-    };
-    let graph = GraphProto {
-        node: vec![node],
-        name: "matmul_probe".into(),
-        input: vec![value_info("A", dtype, &[Dim::N(m), Dim::N(k)]), value_info("B", dtype, &[Dim::N(k), Dim::N(n)])],
-        output: vec![value_info("C", dtype, &[Dim::N(m), Dim::N(n)])],
-        ..Default::default()
-    };
-    model_proto(graph, "matmul probe")
-        .write_to_bytes()
-        .map_err(|e| ExportError::Graph(format!("cannot serialise the matmul probe: {e}")))
 }
 
 #[cfg(test)]

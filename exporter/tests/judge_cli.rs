@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use exporter::judge::write_random;
+use exporter::random::write_random_judge;
 use spherear_core::judge::{JudgeConfig, JudgeManifest, JUDGE_GRAPH_FILE, JUDGE_WEIGHTS_DATA_FILE};
 
 fn exporter(args: &[&Path]) -> std::process::Output {
@@ -17,7 +17,7 @@ fn exporter(args: &[&Path]) -> std::process::Output {
 fn judge_cli_exports_a_random_judge() {
     let d = tempfile::tempdir().unwrap();
     let (ck, out) = (d.path().join("run"), d.path().join("export/judge"));
-    write_random(&JudgeConfig::default_for(32, 10), &ck, 3).unwrap();
+    write_random_judge(&JudgeConfig::default_for(32, 10), &ck, 3).unwrap();
     let o = exporter(&[&ck, &out]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);

@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use exporter::checkpoint::{write_random, Stage};
-use exporter::judge::{export_judge, write_random as write_random_judge, JudgeExportOptions};
+use exporter::checkpoint::Stage;
+use exporter::judge::{export_judge, JudgeExportOptions};
+use exporter::random::{write_random, write_random_judge};
 use exporter::{export, Attention, ExportOptions};
 use ort::environment::Environment;
 use ort::session::Session;

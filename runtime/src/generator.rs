@@ -122,7 +122,7 @@ fn strip_invalid(s: String) -> String {
     s.strip_prefix("invalid argument: ").map(str::to_string).unwrap_or(s)
 }
 
-/// Generated tokens [n, num_tokens, dim], on the radius-R sphere.
+/// Generated tokens [n, num_tokens, dim], on the radius-R sphere (unless the manifest's posterior is gaussian).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tokens {
     pub data: Vec<f32>,
@@ -404,7 +404,7 @@ impl Generator {
         let shape = LoopShape {
             num_tokens: m.num_tokens,
             latent_dim: m.latent_dim,
-            radius: m.config.radius(),
+            radius: m.token_radius(),
             null_class: m.null_class_id as i64,
         };
         let mut backend = OrtBackend {
@@ -432,6 +432,13 @@ impl Generator {
     /// Decodes tokens to images [n, 3, H, W] in [−1, 1], `batch` images per decoder run.
     pub fn decode(&self, tokens: &Tokens, batch: usize) -> Result<Vec<f32>> {
         self.decode_timed(tokens, batch, &mut Timing::default())
+    }
+
+    /// Samples and decodes every image of `req`: images [n, 3, H, W] in [−1, 1] in request order
+    /// (`on_tokens` as in [`Generator::generate_tokens`]). What quality evaluation generates from.
+    pub fn generate_images(&self, req: &GenerateRequest, on_tokens: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let (tokens, _) = self.generate_tokens(req, on_tokens)?;
+        self.decode(&tokens, self.effective_batch(req))
     }
 
     /// [`Generator::decode`] that adds its time and calls to `timing`.

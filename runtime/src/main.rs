@@ -350,13 +350,15 @@ fn eval(a: &EvalArgs) -> Result<()> {
     if let Some(d) = &a.out {
         spherear_core::fsutil::check_dir_output(d)?;
     }
-    let judge = runtime::eval::Judge::load(&a.judge, a.threads, a.ort_lib.as_deref())
+    // The judge shares the process's one ONNX Runtime environment (and its thread pool) with the generator.
+    let (env, _) = runtime::ortlib::environment_with_threads(a.ort_lib.as_deref(), a.threads)?;
+    let judge = quality::eval::Judge::load(&a.judge, &env)
         .with_context(|| format!("loading the judge {}", a.judge.display()))?;
     let options = GeneratorOptions { threads: a.threads, ort_lib: a.ort_lib.clone(), ..Default::default() };
     let per_setting = (a.per_class as u64).saturating_mul((manifest.num_classes * manifest.num_tokens) as u64);
     let generator = Generator::with_manifest(&a.model, manifest, &options)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let o = runtime::eval::EvalOptions {
+    let o = quality::eval::EvalOptions {
         per_class: a.per_class,
         cfgs: a.cfg.clone(),
         steps: a.steps.clone(),
@@ -367,9 +369,11 @@ fn eval(a: &EvalArgs) -> Result<()> {
         out: a.out.clone(),
     };
     let bar = progress_bar(per_setting * (a.cfg.len() * a.steps.len()) as u64, a.quiet, "eval");
-    let r = runtime::eval::evaluate(&generator, &judge, &o, |n| bar.inc(n))?;
+    let r = quality::eval::evaluate(generator.manifest(), &judge, &o, |req| {
+        generator.generate_images(req, |n| bar.inc(n as u64))
+    })?;
     bar.finish_and_clear();
-    println!("{}", runtime::eval::markdown(&r));
+    println!("{}", quality::eval::markdown(&r));
     if let Some(d) = &a.out {
         println!("wrote {}/eval.json, eval.md, eval.png", d.display());
     }

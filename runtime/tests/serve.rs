@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use exporter::checkpoint::{write_random, Stage};
+use exporter::checkpoint::Stage;
+use exporter::random::write_random;
 use exporter::{export, ExportOptions};
 use runtime::output::read_tokens;
 use runtime::serve::client::{self, HttpResponse};

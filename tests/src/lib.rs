@@ -35,7 +35,7 @@ pub fn fixture(preset: &str, seed: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let cfg = spherear_core::ModelConfig::preset(preset).unwrap();
-    exporter::checkpoint::write_random(&cfg, &ckpt, seed, exporter::checkpoint::Stage::Ar).unwrap();
+    exporter::random::write_random(&cfg, &ckpt, seed, exporter::checkpoint::Stage::Ar).unwrap();
     let mut paths = Vec::new();
     for fp16 in [false, true] {
         let out = dir.path().join(if fp16 { "fp16" } else { "fp32" });

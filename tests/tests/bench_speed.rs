@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 
+use benchmarks::cost::{ModelCost, Setting};
 use benchmarks::speed::{self, Precision, SpeedOptions, SpeedReport};
 use e2e::fixture;
-use spherear_core::cost::{ModelCost, Setting};
 use spherear_core::manifest::Manifest;
 use spherear_core::ModelConfig;
 
@@ -143,7 +143,7 @@ fn bench_speed_mismatched_inputs_and_failed_runs_leave_nothing_stale() {
     let other = fx.dir.path().join("other");
     let mut cfg = spherear_core::ModelConfig::preset("tiny").unwrap();
     cfg.ar.n_layer = 3;
-    exporter::checkpoint::write_random(&cfg, &other, 1, exporter::checkpoint::Stage::Ar).unwrap();
+    exporter::random::write_random(&cfg, &other, 1, exporter::checkpoint::Stage::Ar).unwrap();
     let mut o = options(&fx, out.clone());
     o.checkpoint = Some(other);
     let e = speed::run(&o).unwrap_err().to_string();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use e2e::{fixture, scale_tensors};
-use runtime::eval::{Judge, TestSplit};
+use quality::eval::{Judge, TestSplit};
 use runtime::{GenerateRequest, Generator, GeneratorOptions};
 use spherear_core::judge::JudgeConfig;
 
@@ -53,7 +53,7 @@ fn setup(seed: u64) -> Setup {
     exporter::export(&exporter::ExportOptions { max_batch: 8, ..exporter::ExportOptions::new(&fx.ckpt, &fp32) })
         .unwrap();
     let run = dir.join("judge-run");
-    exporter::judge::write_random(&JudgeConfig::default_for(16, 4), &run, seed).unwrap();
+    exporter::random::write_random_judge(&JudgeConfig::default_for(16, 4), &run, seed).unwrap();
     let judge = dir.join("judge");
     exporter::judge::export_judge(&exporter::judge::JudgeExportOptions {
         checkpoint: run,
@@ -94,7 +94,8 @@ fn quantize_with_a_judge_publishes_a_gated_export() {
     assert!(w8.join("gate.md").is_file());
     // The reported fp32 and quantized measures, recomputed independently: same request, same judge.
     let opts = GeneratorOptions { threads: Some(2), ..Default::default() };
-    let judge = Judge::load(&st.judge, Some(2), None).unwrap();
+    let (env, _) = runtime::ortlib::environment_with_threads(None, Some(2)).unwrap();
+    let judge = Judge::load(&st.judge, &env).unwrap();
     let g32 = Generator::load(&st.fp32, &opts).unwrap();
     let split = TestSplit::load(&judge, g32.manifest(), s(&st.data)).unwrap();
     let req = GenerateRequest::grid(&[0, 1, 2, 3], 3, 2.0, 3, 0, 50).unwrap();
@@ -144,7 +145,7 @@ fn a_gate_nothing_passes_ranks_the_groups_and_writes_nothing() {
     assert!(!out.exists());
     // A judge of another model (10 classes, 32 px) is refused before any candidate is built.
     let run10 = st.dir.join("judge10-run");
-    exporter::judge::write_random(&JudgeConfig::default_for(32, 10), &run10, 1).unwrap();
+    exporter::random::write_random_judge(&JudgeConfig::default_for(32, 10), &run10, 1).unwrap();
     let judge10 = st.dir.join("judge10");
     exporter::judge::export_judge(&exporter::judge::JudgeExportOptions {
         checkpoint: run10,

@@ -1,17 +1,17 @@
 //! `runtime eval` end to end on a tiny random model, a random judge and a small ImageFolder dataset: every
 //! number of the report is recomputed independently — the same images generated through the runtime,
-//! scored by the **libtorch** judge (not the ONNX one), the Fréchet distance from core's statistics — and
+//! scored by the **libtorch** judge (not the ONNX one), the Fréchet distance from the quality crate's statistics — and
 //! must agree. Also the written files and a mismatched judge.
 
 use std::path::Path;
 
 use e2e::fixture;
 use exporter::judge::{export_judge, JudgeExportOptions};
-use runtime::eval::{evaluate, quantize_like_png, EvalOptions, EvalReport, Judge};
+use quality::eval::{evaluate, quantize_like_png, EvalOptions, EvalReport, Judge};
+use quality::stats::{frechet_distance, Gaussian};
 use runtime::{GenerateRequest, Generator, GeneratorOptions};
 use spherear_core::data::{self, Split};
 use spherear_core::judge::JudgeConfig;
-use spherear_core::stats::{frechet_distance, Gaussian};
 use tch::Tensor;
 use trainer::judge::JudgeModel;
 
@@ -56,7 +56,8 @@ fn eval_numbers_match_an_independent_recomputation() {
     export_judge(&JudgeExportOptions { checkpoint: run, out: jexp.clone(), force: false }).unwrap();
 
     let g = Generator::load(&fx.fp32, &GeneratorOptions::default()).unwrap();
-    let judge = Judge::load(&jexp, None, None).unwrap();
+    let (env, _) = runtime::ortlib::environment(None).unwrap();
+    let judge = Judge::load(&jexp, &env).unwrap();
     let out = fx.dir.path().join("eval");
     let o = EvalOptions {
         per_class: 3,
@@ -69,7 +70,7 @@ fn eval_numbers_match_an_independent_recomputation() {
         out: Some(out.clone()),
     };
     let mut progressed = 0;
-    let r = evaluate(&g, &judge, &o, |n| progressed += n).unwrap();
+    let r = evaluate(g.manifest(), &judge, &o, |req| g.generate_images(req, |n| progressed += n)).unwrap();
     assert_eq!(progressed, 2 * 12 * 16, "progress counts images × tokens of both settings");
     assert_eq!((r.test_images, r.train_images, r.feature_dim), (20, 24, 128));
     assert_eq!(r.rows.len(), 3);
@@ -119,7 +120,9 @@ fn eval_numbers_match_an_independent_recomputation() {
     let (run2, jexp2) = (fx.dir.path().join("judge32-run"), fx.dir.path().join("judge32"));
     JudgeModel::new(&JudgeConfig::default_for(32, 4)).unwrap().save_folder(&run2).unwrap();
     export_judge(&JudgeExportOptions { checkpoint: run2, out: jexp2.clone(), force: false }).unwrap();
-    let j32 = Judge::load(&jexp2, None, None).unwrap();
-    let e = evaluate(&g, &j32, &EvalOptions { out: None, ..o }, |_| {}).unwrap_err().to_string();
+    let j32 = Judge::load(&jexp2, &env).unwrap();
+    let e = evaluate(g.manifest(), &j32, &EvalOptions { out: None, ..o }, |req| g.generate_images(req, |_| {}))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does not fit the model"), "{e}");
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use e2e::{fixture, scale_tensors, Fixture};
 use runtime::{GenerateRequest, Generator, GeneratorOptions, Provider, ProviderOptions, RuntimeError};
-use spherear_core::data::save_grid_png;
+use spherear_core::grid::save_grid_png;
 use tch::Tensor;
 use trainer::ar::ArModel;
 use trainer::sample::{decode, sample_tokens, SampleRequest};

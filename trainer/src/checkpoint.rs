@@ -15,6 +15,7 @@ use std::io::Read;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
+use spherear_core::config::WEIGHTS_FORMAT;
 use spherear_core::fsutil;
 use spherear_core::judge::JudgeConfig;
 use spherear_core::ModelConfig;
@@ -23,7 +24,6 @@ use tch::{nn::VarStore, Kind, Tensor};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 
-pub const WEIGHTS_FORMAT: &str = "spherear-weights-v1";
 pub const TRAIN_FORMAT: &str = "spherear-train-v1";
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
@@ -200,6 +200,13 @@ pub fn named_tensors(vs: &VarStore, prefix: &str) -> BTreeMap<String, Tensor> {
 /// For the VAE stage only the VAE part (and the preset name) must agree.
 pub fn check_stage_config(path: &Path, stage: &str, stored: &ModelConfig, wanted: &ModelConfig) -> Result<()> {
     let same = if stage == "vae" { stored.name == wanted.name && stored.same_vae(wanted) } else { stored == wanted };
+    let (sp, wp) = (stored.vae.posterior, wanted.vae.posterior);
+    if !same && sp != wp {
+        return Err(ck_err(
+            path,
+            format!("was made with the {sp} posterior but {wp} was asked for (use --posterior {sp} or a new --out)"),
+        ));
+    }
     if !same {
         return Err(ck_err(
             path,

@@ -1,38 +1,56 @@
 //! `trainer fit --stage ar`: trains the AR transformer and diffusion head on frozen S-VAE latents.
 //!
 //! Latent caching: the frozen encoder runs once over the training set and its posterior parameters
-//! (μ, κ per token) are kept in `<out>/latents.safetensors`; every step draws a fresh Power Spherical
-//! sample from them (scaled to radius R), which is what the official code sees when it encodes each batch
-//! anew (minus flip augmentation, which is not used for Fashion-MNIST). The cache is stamped with the
-//! VAE's SHA-256 and the data identity ([`crate::identity`]) and rebuilt when either changes.
+//! (μ, κ per token; Gaussian posteriors: μ, log σ² per element) are kept in `<out>/latents.safetensors`;
+//! every step draws a fresh posterior sample from them (Power Spherical: scaled to radius R), which is what
+//! the official code sees when it encodes each batch anew (minus flip augmentation, which is not used for
+//! Fashion-MNIST). The cache is stamped with the VAE's SHA-256 and the data identity ([`crate::identity`])
+//! and rebuilt when either changes.
+//!
+//! The posterior family is the VAE's (`--posterior`, when given, must name the same one). Gaussian latents
+//! are not of norm R, so the AR model sees them scaled by one factor s = 1/√mean(μ² + σ²) over the whole
+//! cached training set (the expected per-element mean square of a sample), giving unit per-dimension RMS like
+//! the sphere's R = √d, as the diffusion head's noise schedule assumes (the latent-diffusion scale factor).
+//! s is computed from the cache when the stage is built (so a resume recomputes the same value) and folded
+//! into the shipped VAE: `ar.safetensors` holds `vae.quant_proj` with its μ rows scaled by s and its log σ²
+//! bias raised by 2 ln s, and `vae.post_quant_proj` divided by s. That VAE's latent space is the AR model's,
+//! so sampling, export and the runtime need no scale of their own; `vae.safetensors` stays the VAE as
+//! trained, and `ar-metrics.json` records s (`latent_scale`).
 //!
 //! The training checkpoint records the same identities: resuming with another `--vae`, `--data` or
 //! `--limit` is an error (`--force` starts the stage afresh), so the cached latents, the transformer and
 //! the VAE shipped in `ar.safetensors` always belong together.
+//!
+//! `--augment N` ([`crate::recipe`]): the cache holds the posteriors of N augmented views of every image
+//! (the official crop + flip, [`crate::augment`], fixed by `--seed`; its stamp names N and the seed), and
+//! each step uses one view per image, drawn from the step's RNG ([`view_rows`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use rand::Rng;
 use spherear_core::data::{self, DataSource, Split};
 use spherear_core::validate::in_range;
-use spherear_core::ModelConfig;
+use spherear_core::{ModelConfig, Posterior};
 use tch::{Kind, Tensor};
 
 use crate::ar::ArModel;
+use crate::augment::augment_batch;
 use crate::checkpoint::{self, TensorFile};
 use crate::error::{Result, TrainError};
 use crate::fit_vae::{self, batch_tensor, VaeModel};
 use crate::fitloop::{self, FitSummary, Plan, Stage, StageFiles, TrainArgs};
+use crate::gaussian::DiagonalGaussian;
 use crate::identity::{self, DataIdentity, RunIdentity};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, DecayGroups, Ema};
 use crate::progress;
-use crate::psd::PowerSpherical;
+use crate::recipe::Recipe;
+use crate::vae::PosteriorParams;
 
-/// Loop settings of the AR stage unless given.
+/// Loop settings of the AR stage unless given (small presets; the official ones:
+/// [`crate::recipe::ar_train_defaults`]).
 pub const TRAIN_DEFAULTS: TrainArgs = TrainArgs::DEFAULT;
-/// EMA decay of the shipped weights unless given.
-pub const DEFAULT_EMA_DECAY: f64 = 0.999;
 
 /// Settings of the AR stage.
 #[derive(Debug, Clone)]
@@ -44,18 +62,29 @@ pub struct ArFitArgs {
     pub data: DataSource,
     pub out: PathBuf,
     pub train: TrainArgs,
-    pub ema_decay: f64,
+    /// The training recipe (`--decay-groups`, `--ema-decay`, `--ema-warmup`, `--augment`; [`crate::recipe`]).
+    pub recipe: Recipe,
+    /// The posterior family expected of the VAE (`--posterior`); `None`: whatever the VAE has.
+    pub posterior: Option<Posterior>,
 }
 
 impl ArFitArgs {
     pub fn new(vae: PathBuf, preset: &str, data: DataSource, out: PathBuf) -> Self {
-        ArFitArgs { vae, preset: preset.to_string(), data, out, train: TRAIN_DEFAULTS, ema_decay: DEFAULT_EMA_DECAY }
+        ArFitArgs {
+            vae,
+            preset: preset.to_string(),
+            data,
+            out,
+            train: crate::recipe::ar_train_defaults(preset, TRAIN_DEFAULTS),
+            recipe: Recipe::for_preset(preset),
+            posterior: None,
+        }
     }
 
     /// Checks every value (the messages name the command-line flags).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        in_range("--ema-decay", self.ema_decay, 0.0, 1.0)?;
+        in_range("--ema-decay", self.recipe.ema.decay, 0.0, 1.0)?;
         Ok(())
     }
 }
@@ -73,12 +102,14 @@ pub struct ArFitReport {
     pub run: FitSummary,
     /// Time spent encoding the training set (0 when the cache was reused).
     pub latent_seconds: f64,
+    /// Gaussian posteriors: the factor s the AR model's tokens are the VAE's latents scaled by (folded into
+    /// the shipped VAE); absent for latents on the sphere.
+    pub latent_scale: Option<f64>,
 }
 
 /// Posterior parameters of a whole dataset.
 pub struct Latents {
-    pub mu: Tensor,
-    pub kappa: Tensor,
+    pub params: PosteriorParams,
     pub labels: Tensor,
 }
 
@@ -90,49 +121,107 @@ impl Latents {
         self.len() == 0
     }
 
-    /// A fresh posterior sample on the radius-R sphere for the images `idx`: ([B, L, d], labels [B]).
-    pub fn sample(&self, idx: &[usize], radius: f64) -> (Tensor, Tensor) {
+    /// A fresh posterior sample for the images `idx`, projected to radius `radius` when given, times `scale`:
+    /// ([B, L, d], labels [B]).
+    pub fn sample(&self, idx: &[usize], radius: Option<f64>, scale: f64) -> (Tensor, Tensor) {
         let i = Tensor::from_slice(&idx.iter().map(|&v| v as i64).collect::<Vec<_>>());
-        let q = PowerSpherical::new(&self.mu.index_select(0, &i), &self.kappa.index_select(0, &i));
-        (tch::no_grad(|| q.rsample() * radius), self.labels.index_select(0, &i))
+        let q = self.params.index_select(&i);
+        (tch::no_grad(|| q.rsample(radius) * scale), self.labels.index_select(0, &i))
     }
+
+    /// The Gaussian latent scale s = 1/√mean(μ² + σ²) over every element of the set: E[z²] of a sample is
+    /// μ² + σ², so s·z has unit per-element RMS. `None` for the spherical posterior.
+    pub fn gaussian_scale(&self) -> Option<f64> {
+        match &self.params {
+            PosteriorParams::Spherical { .. } => None,
+            PosteriorParams::Gaussian { mean, logvar } => {
+                let q = DiagonalGaussian::new(mean, logvar);
+                let ms = (q.mean.square() + q.logvar.exp()).mean(Kind::Double).double_value(&[]);
+                Some(1.0 / ms.max(1e-12).sqrt())
+            }
+        }
+    }
+}
+
+/// Folds the latent scale `s` into the VAE tensors of `t` (official names): μ rows of `vae.quant_proj` × s,
+/// its log σ² bias + 2 ln s, `vae.post_quant_proj` ÷ s. The result encodes to s·z and decodes s·z as the
+/// original decoded z.
+pub fn fold_latent_scale(t: &mut BTreeMap<String, Tensor>, latent_dim: i64, s: f64) -> Result<()> {
+    let get = |t: &BTreeMap<String, Tensor>, k: &str| {
+        t.get(k)
+            .map(|v| v.detach().copy())
+            .ok_or_else(|| TrainError::Mismatch(format!("no {k} to fold the scale into")))
+    };
+    let (w, b, p) =
+        (get(t, "vae.quant_proj.weight")?, get(t, "vae.quant_proj.bias")?, get(t, "vae.post_quant_proj.weight")?);
+    let d = latent_dim;
+    if w.size()[0] != 2 * d || b.size()[0] != 2 * d {
+        return Err(TrainError::Mismatch(format!("vae.quant_proj has {} outputs, not 2·{d} (Gaussian)", w.size()[0])));
+    }
+    tch::no_grad(|| {
+        let _ = w.narrow(0, 0, d).g_mul_scalar_(s);
+        let _ = b.narrow(0, 0, d).g_mul_scalar_(s);
+        let _ = b.narrow(0, d, d).g_add_scalar_(2.0 * s.ln());
+    });
+    t.insert("vae.quant_proj.weight".into(), w);
+    t.insert("vae.quant_proj.bias".into(), b);
+    t.insert("vae.post_quant_proj.weight".into(), p / s);
+    Ok(())
 }
 
 /// Encodes a dataset with the frozen VAE (batches of 200), or reads the cache when its stamp equals
 /// `stamp` (the VAE's SHA-256 and the data identity).
 pub fn encode_dataset(vae: &VaeModel, stamp: &str, args: &ArFitArgs, cache: &Path) -> Result<Latents> {
+    let family = vae.config.vae.posterior;
     if let Ok(f) = checkpoint::load(cache) {
         if f.metadata.get("stamp").map(String::as_str) == Some(stamp) {
-            if let (Some(mu), Some(kappa), Some(labels)) =
-                (f.tensors.get("mu"), f.tensors.get("kappa"), f.tensors.get("labels"))
-            {
+            let params = PosteriorParams::from_named(family, |k| f.tensors.get(k).map(Tensor::shallow_clone));
+            if let (Some(params), Some(labels)) = (params, f.tensors.get("labels")) {
                 eprintln!("using cached latents {}", cache.display());
-                let labels = labels.to_kind(Kind::Int64);
-                return Ok(Latents { mu: mu.shallow_clone(), kappa: kappa.shallow_clone(), labels });
+                return Ok(Latents { params, labels: labels.to_kind(Kind::Int64) });
             }
         }
     }
     let ds = data::load(&args.data, Split::Train, vae.config.image_size, args.train.limit)?;
     let n = ds.len();
-    let bar = progress::bar(n as u64, 0, "encode", args.train.progress);
-    let (mut mus, mut kappas) = (Vec::new(), Vec::new());
-    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
-        let x = batch_tensor(&ds, chunk, None);
-        let p = tch::no_grad(|| vae.vae.posterior(&x));
-        mus.push(p.mu);
-        kappas.push(p.kappa);
-        bar.inc(chunk.len() as u64);
+    // `--augment N`: rows v·n .. (v+1)·n hold view v of every image ([`crate::augment`]).
+    let views = args.recipe.augment;
+    let bar = progress::bar((n * views.max(1)) as u64, 0, "encode", args.train.progress);
+    let mut parts = Vec::new();
+    for view in 0..views.max(1) {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+            let mut x = batch_tensor(&ds, chunk, None);
+            if views > 0 {
+                x = augment_batch(&x, chunk, args.train.seed, view);
+            }
+            parts.push(tch::no_grad(|| vae.vae.posterior(&x)));
+            bar.inc(chunk.len() as u64);
+        }
     }
     bar.finish_and_clear();
-    let lat =
-        Latents { mu: Tensor::cat(&mus, 0), kappa: Tensor::cat(&kappas, 0), labels: Tensor::from_slice(&ds.labels) };
+    let params = PosteriorParams::cat(&parts).ok_or_else(|| {
+        TrainError::Mismatch(format!("--data {}: no training images", crate::fit_judge::dataset_name(&args.data)))
+    })?;
+    let lat = Latents { params, labels: Tensor::from_slice(&ds.labels).repeat([views.max(1) as i64]) };
     let mut f = TensorFile::default();
-    f.tensors.insert("mu".into(), lat.mu.shallow_clone());
-    f.tensors.insert("kappa".into(), lat.kappa.shallow_clone());
+    for (name, t) in lat.params.named() {
+        f.tensors.insert(name.into(), t.shallow_clone());
+    }
     f.tensors.insert("labels".into(), lat.labels.to_kind(Kind::Float));
     f.metadata.insert("stamp".into(), stamp.to_string());
     checkpoint::save(cache, &f)?;
     Ok(lat)
+}
+
+/// The cache rows of the images `batch` at `step`: with `views` > 0 cached views of each of `images`
+/// images, view v of image i is row v·images + i, v drawn uniformly per image from the step's RNG
+/// ([`fitloop::step_rng`]); without views, the images themselves.
+pub fn view_rows(batch: &[usize], views: usize, images: usize, seed: u64, step: usize) -> Vec<usize> {
+    if views == 0 {
+        return batch.to_vec();
+    }
+    let mut rng = fitloop::step_rng(seed, step);
+    batch.iter().map(|&i| rng.gen_range(0..views) * images + i).collect()
 }
 
 /// Names of the trained (non-VAE) weights.
@@ -164,8 +253,15 @@ impl ArTrainer {
         Ok(ArTrainer { model, opt, ema })
     }
 
+    /// [`ArTrainer::new`] whose optimizer decays the parameters of `groups`.
+    pub fn with_decay_groups(cfg: &ModelConfig, vae: Option<&VaeModel>, groups: DecayGroups) -> Result<Self> {
+        let mut tr = Self::new(cfg, vae)?;
+        tr.opt = AdamW::new(&tr.model.vs, is_ar_key, AdamWConfig { groups, ..AdamWConfig::default() });
+        Ok(tr)
+    }
+
     /// One step of the rectified-flow loss on tokens z [B, L, d] with class ids [B] (after dropout).
-    pub fn step(&mut self, z: &Tensor, labels: &Tensor, lr: f64, clip: f64, ema_decay: f64) -> f64 {
+    pub fn step(&mut self, z: &Tensor, labels: &Tensor, lr: f64, clip: f64, ema: Ema) -> f64 {
         let cfg = &self.model.config;
         let (dim, d, mul) = (cfg.ar.dim as i64, cfg.latent_dim as i64, cfg.ar.diff_batch_mul as i64);
         self.opt.zero_grad();
@@ -175,18 +271,7 @@ impl ArTrainer {
         loss.backward();
         self.opt.clip_grad_norm(clip);
         self.opt.step(lr);
-        // EMA with the usual warm-up: decay_t = min(decay, (1 + t)/(10 + t)).
-        let t = self.opt.step as f64;
-        let decay = ema_decay.min((1.0 + t) / (10.0 + t));
-        let vars = self.model.vs.variables();
-        tch::no_grad(|| {
-            for (name, e) in self.ema.iter_mut() {
-                if let Some(p) = vars.get(name) {
-                    let _ = e.g_mul_scalar_(decay);
-                    let _ = e.g_add_(&(p * (1.0 - decay)));
-                }
-            }
-        });
+        ema.update(&mut self.ema, &self.model.vs.variables(), self.opt.step);
         loss.double_value(&[])
     }
 
@@ -239,6 +324,8 @@ pub struct ArStage {
     tr: ArTrainer,
     latents: Latents,
     latent_seconds: f64,
+    /// Gaussian posterior: the scale of the AR model's tokens ([`Latents::gaussian_scale`]).
+    latent_scale: Option<f64>,
     /// Smoothed loss, for the progress message.
     smooth: Option<f64>,
 }
@@ -270,7 +357,16 @@ impl Stage for ArStage {
             });
         }
         let vae = VaeModel::load(&vae_file, None)?;
-        let config = ModelConfig::preset(&args.preset)?;
+        let family = vae.config.vae.posterior;
+        if let Some(asked) = args.posterior.filter(|&p| p != family) {
+            return Err(TrainError::Mismatch(format!(
+                "--posterior {asked} but the VAE {} was trained with the {family} posterior (the AR stage takes the \
+                 VAE's; leave --posterior out or give {family})",
+                vae_file.display()
+            )));
+        }
+        let mut config = ModelConfig::preset(&args.preset)?;
+        config.vae.posterior = family;
         if !config.same_vae(&vae.config) {
             return Err(TrainError::Checkpoint {
                 path: vae_file.display().to_string(),
@@ -284,13 +380,14 @@ impl Stage for ArStage {
         check_class_count(&args.data, &config)?;
         let vae_sha = identity::file_sha256(&vae_file)?;
         let data = DataIdentity::of(&args.data, args.train.limit)?;
-        let identity = RunIdentity { data, vae: Some((vae_file, vae_sha)) };
+        let recipe = args.recipe.ar_record(&args.train);
+        let identity = RunIdentity { data, vae: Some((vae_file, vae_sha)), recipe };
         // config.json is written with the weights (ArModel::save_tensors).
         Ok((Plan { out: &args.out, train: &args.train, config, identity, config_file: None }, vae))
     }
 
     fn finished(_: &ArFitArgs, _: &Plan<'_, ModelConfig>, run: FitSummary) -> ArFitReport {
-        ArFitReport { run, latent_seconds: 0.0 }
+        ArFitReport { run, latent_seconds: 0.0, latent_scale: None }
     }
 
     fn load(_: &ArFitArgs, _: &Plan<'_, ModelConfig>) -> Result<()> {
@@ -300,23 +397,34 @@ impl Stage for ArStage {
     fn build(args: &ArFitArgs, plan: &Plan<'_, ModelConfig>, vae: VaeModel, _: ()) -> Result<Self> {
         let t_lat = std::time::Instant::now();
         let vae_sha = plan.identity.vae.as_ref().map_or("", |(_, sha)| sha.as_str());
-        let stamp = format!("vae sha256 {vae_sha}, {}", plan.identity.data.stamp());
+        let mut stamp = format!("vae sha256 {vae_sha}, {}", plan.identity.data.stamp());
+        if args.recipe.augment > 0 {
+            stamp += &format!(", augment {} views, seed {}", args.recipe.augment, args.train.seed);
+        }
         let latents = encode_dataset(&vae, &stamp, args, &latents_path(&args.out))?;
         let latent_seconds = t_lat.elapsed().as_secs_f64();
-        let tr = ArTrainer::new(&plan.config, Some(&vae))?;
-        Ok(ArStage { args: args.clone(), tr, latents, latent_seconds, smooth: None })
+        // Gaussian+norm tokens lie on the sphere already: only the plain Gaussian posterior is scaled.
+        let latent_scale = if plan.config.vae.posterior.on_sphere() { None } else { latents.gaussian_scale() };
+        if let Some(s) = latent_scale {
+            eprintln!("Gaussian latents: the AR model sees them scaled by s = {s:.4} (unit per-element RMS)");
+        }
+        let tr = ArTrainer::with_decay_groups(&plan.config, Some(&vae), args.recipe.decay_groups)?;
+        Ok(ArStage { args: args.clone(), tr, latents, latent_seconds, latent_scale, smooth: None })
     }
 
+    /// The training images (the cache holds `--augment` views of each).
     fn examples(&self) -> usize {
-        self.latents.len()
+        self.latents.len() / self.args.recipe.augment.max(1)
     }
 
     fn step(&mut self, step: usize, batch: &[usize]) -> Result<(f64, String)> {
         let (a, cfg) = (&self.args, &self.tr.model.config);
-        let (z, labels) = self.latents.sample(batch, cfg.radius() as f64);
+        let radius = cfg.token_radius().map(f64::from);
+        let rows = view_rows(batch, self.args.recipe.augment, self.examples(), a.train.seed, step);
+        let (z, labels) = self.latents.sample(&rows, radius, self.latent_scale.unwrap_or(1.0));
         let labels = self.tr.drop_labels(&labels, cfg.ar.class_dropout);
         let lr = a.train.lr_at(step);
-        let loss = self.tr.step(&z, &labels, lr, a.train.clip, a.ema_decay);
+        let loss = self.tr.step(&z, &labels, lr, a.train.clip, a.recipe.ema);
         let sm = self.smooth.map_or(loss, |v| 0.98 * v + 0.02 * loss);
         self.smooth = Some(sm);
         Ok((loss, format!("loss {loss:.4} (avg {sm:.4}) lr {lr:.1e}")))
@@ -361,12 +469,17 @@ impl Stage for ArStage {
     }
 
     fn report(&self, run: FitSummary) -> ArFitReport {
-        ArFitReport { run, latent_seconds: self.latent_seconds }
+        ArFitReport { run, latent_seconds: self.latent_seconds, latent_scale: self.latent_scale }
     }
 
-    /// Writes `ar.safetensors` (the EMA weights + the VAE) and `config.json` beside it.
+    /// Writes `ar.safetensors` (the EMA weights + the VAE, the Gaussian latent scale folded into it) and
+    /// `config.json` beside it.
     fn finish(&mut self, run: FitSummary, _weights: &Path) -> Result<ArFitReport> {
-        self.tr.model.save_tensors(&self.args.out, self.tr.export_tensors(), Self::NAME)?;
+        let mut tensors = self.tr.export_tensors();
+        if let Some(s) = self.latent_scale {
+            fold_latent_scale(&mut tensors, self.tr.model.config.latent_dim as i64, s)?;
+        }
+        self.tr.model.save_tensors(&self.args.out, tensors, Self::NAME)?;
         Ok(self.report(run))
     }
 }

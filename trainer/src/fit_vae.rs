@@ -1,4 +1,6 @@
-//! `trainer fit --stage vae`: reconstruction (MSE) + KL-to-uniform training of the S-VAE.
+//! `trainer fit --stage vae`: reconstruction (`--recon-loss`: L1 or MSE) + KL-to-uniform training of the
+//! S-VAE (or, with `--posterior gaussian`, reconstruction + KL-to-N(0, I) training of the diagonal-Gaussian
+//! baseline).
 //!
 //! Not included, and why: the paper's perceptual (LPIPS/VGG) loss needs pretrained weights that cannot be
 //! fetched here, so it is left out rather than faked; the PatchGAN adversarial loss is not implemented yet.
@@ -10,20 +12,35 @@ use std::sync::atomic::AtomicBool;
 use rand_chacha::ChaCha8Rng;
 use spherear_core::data::{self, DataSource, Dataset, Split};
 use spherear_core::validate::{at_least, non_negative};
-use spherear_core::ModelConfig;
+use spherear_core::{ModelConfig, Posterior};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, StageConfig, TensorFile};
 use crate::error::Result;
 use crate::fitloop::{self, FitSummary, Plan, Stage, StageFiles, TrainArgs};
 use crate::identity::{DataIdentity, RunIdentity};
+use crate::layers::{reset_pytorch_default, InitScheme};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::vae::Vae;
+use crate::recipe::{Recipe, ReconLoss};
+use crate::vae::{has_framework_default_init, Vae};
 
 /// Loop settings of the VAE stage unless given.
 pub const TRAIN_DEFAULTS: TrainArgs = TrainArgs::DEFAULT;
-/// Weight of the KL term unless given.
+/// Weight of the KL term unless given (Power Spherical posterior: the paper's S-04).
 pub const DEFAULT_KL_WEIGHT: f64 = 0.004;
+/// Weight of the KL term of the Gaussian posteriors unless given: 0.01, the paper's G-01. The paper averages
+/// the Gaussian KL over all elements rather than summing it (footnote 2: its 1e-2 matches a conventional
+/// summed weight of ~2e-6); both loss terms here are such means, so the weight carries over unchanged to
+/// other image and token-grid sizes.
+pub const DEFAULT_GAUSSIAN_KL_WEIGHT: f64 = 0.01;
+
+/// The KL weight of `posterior` unless given.
+pub fn default_kl_weight(posterior: Posterior) -> f64 {
+    match posterior {
+        Posterior::PowerSpherical => DEFAULT_KL_WEIGHT,
+        Posterior::Gaussian | Posterior::GaussianNorm => DEFAULT_GAUSSIAN_KL_WEIGHT,
+    }
+}
 /// Held-out images scored for PSNR unless given.
 pub const DEFAULT_EVAL_IMAGES: usize = 1000;
 
@@ -34,10 +51,14 @@ pub struct VaeFitArgs {
     pub data: DataSource,
     pub out: PathBuf,
     pub train: TrainArgs,
+    /// Posterior family (recorded in the run's config).
+    pub posterior: Posterior,
     pub kl_weight: f64,
     pub flip: bool,
     /// Held-out images scored for PSNR at the end.
     pub eval_images: usize,
+    /// The training recipe (`--recon-loss`, `--init`, `--decay-groups`; [`crate::recipe`]).
+    pub recipe: Recipe,
 }
 
 impl VaeFitArgs {
@@ -46,11 +67,18 @@ impl VaeFitArgs {
             preset: preset.to_string(),
             data,
             out,
-            train: TRAIN_DEFAULTS,
+            train: crate::recipe::vae_train_defaults(preset, TRAIN_DEFAULTS),
+            recipe: Recipe::for_preset(preset),
+            posterior: Posterior::PowerSpherical,
             kl_weight: DEFAULT_KL_WEIGHT,
             flip: false,
             eval_images: DEFAULT_EVAL_IMAGES,
         }
+    }
+
+    /// The same settings for another posterior family, with that family's default KL weight.
+    pub fn with_posterior(self, posterior: Posterior) -> Self {
+        VaeFitArgs { posterior, kl_weight: default_kl_weight(posterior), ..self }
     }
 
     /// Checks every value (the messages name the command-line flags).
@@ -67,7 +95,7 @@ impl VaeFitArgs {
 pub struct VaeFitReport {
     #[serde(flatten)]
     pub run: FitSummary,
-    /// PSNR (dB) of held-out reconstructions from the posterior mode R·μ.
+    /// PSNR (dB) of held-out reconstructions from the posterior mode (R·μ; Gaussian: μ).
     pub psnr_mode_db: Option<f64>,
     /// PSNR (dB) from one posterior sample per token.
     pub psnr_sample_db: Option<f64>,
@@ -96,6 +124,16 @@ impl VaeModel {
         Ok(VaeModel { vs, vae, config: config.clone() })
     }
 
+    /// A fresh VAE whose framework-default layers follow `init` ([`crate::layers::InitScheme`]).
+    pub fn with_init(config: &ModelConfig, init: InitScheme) -> Result<Self> {
+        let m = Self::new(config)?;
+        if init == InitScheme::Pytorch {
+            let select = |n: &str, t: &Tensor| n.strip_prefix("vae.").is_some_and(|r| has_framework_default_init(r, t));
+            reset_pytorch_default(&m.vs, select);
+        }
+        Ok(m)
+    }
+
     /// Loads a weights file or a training checkpoint whose config must equal `config` when given.
     pub fn load(path: &Path, config: Option<&ModelConfig>) -> Result<Self> {
         let file = checkpoint::load(path)?;
@@ -121,18 +159,25 @@ impl VaeModel {
     }
 }
 
-/// PSNR in dB for images in [−1, 1] (peak-to-peak 2), reconstructions clamped to that range.
-pub fn psnr_db(original: &Tensor, recon: &Tensor) -> f64 {
-    let mse = (recon.clamp(-1.0, 1.0) - original).square().mean(Kind::Float).double_value(&[]);
+/// PSNR in dB of a mean squared error of images in [−1, 1] (peak-to-peak 2): 10·log10(4 / mse).
+fn psnr_db(mse: f64) -> f64 {
     10.0 * (4.0 / mse.max(1e-12)).log10()
 }
 
-/// One optimisation step of reconstruction + kl_weight · KL.
-pub fn train_step(m: &VaeModel, opt: &mut AdamW, images: &Tensor, kl_weight: f64, clip: f64, lr: f64) -> StepStats {
+/// One optimisation step of reconstruction (`recon_loss`) + kl_weight · KL.
+pub fn train_step(
+    m: &VaeModel,
+    opt: &mut AdamW,
+    images: &Tensor,
+    kl_weight: f64,
+    clip: f64,
+    lr: f64,
+    recon_loss: ReconLoss,
+) -> StepStats {
     opt.zero_grad();
     let (z, kl) = m.vae.encode(images);
     let recon = m.vae.decode(&z);
-    let rec = (&recon - images).square().mean(Kind::Float);
+    let rec = recon_loss.loss(&recon, images);
     let loss = &rec + &kl * kl_weight;
     loss.backward();
     let grad_norm = opt.clip_grad_norm(clip);
@@ -156,9 +201,11 @@ pub fn weights_path(out: &Path) -> PathBuf {
     out.join(VaeStage::FILES.weights)
 }
 
-/// Resolves the run's config: an existing run folder fixes it (and must match the preset asked for).
-pub fn run_config(out: &Path, preset: &str) -> Result<ModelConfig> {
-    let wanted = ModelConfig::preset(preset)?;
+/// Resolves the run's config (the preset with the posterior family): an existing run folder fixes it (and
+/// must match the preset and posterior asked for).
+pub fn run_config(out: &Path, preset: &str, posterior: Posterior) -> Result<ModelConfig> {
+    let mut wanted = ModelConfig::preset(preset)?;
+    wanted.vae.posterior = posterior;
     check_run_folder(out, &wanted)?;
     Ok(wanted)
 }
@@ -213,8 +260,9 @@ impl Stage for VaeStage {
 
     fn plan(args: &VaeFitArgs) -> Result<(Plan<'_, ModelConfig>, ())> {
         args.validate()?;
-        let config = run_config(&args.out, &args.preset)?;
-        let identity = RunIdentity::data(DataIdentity::of(&args.data, args.train.limit)?);
+        let config = run_config(&args.out, &args.preset, args.posterior)?;
+        let identity = RunIdentity::data(DataIdentity::of(&args.data, args.train.limit)?)
+            .with_recipe(args.recipe.vae_record(&args.train));
         Ok((Plan { out: &args.out, train: &args.train, config, identity, config_file: Some("config.json") }, ()))
     }
 
@@ -229,8 +277,9 @@ impl Stage for VaeStage {
     }
 
     fn build(args: &VaeFitArgs, plan: &Plan<'_, ModelConfig>, _: (), loaded: (Dataset, Dataset)) -> Result<Self> {
-        let m = VaeModel::new(&plan.config)?;
-        let opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), AdamWConfig::default());
+        let m = VaeModel::with_init(&plan.config, args.recipe.init)?;
+        let opt_cfg = AdamWConfig { groups: args.recipe.decay_groups, ..AdamWConfig::default() };
+        let opt = AdamW::new(&m.vs, |n| n.starts_with("vae."), opt_cfg);
         let (train, held_out) = loaded;
         Ok(VaeStage { args: args.clone(), m, opt, train, held_out, smooth: None })
     }
@@ -244,10 +293,10 @@ impl Stage for VaeStage {
         let mut flip_rng = a.flip.then(|| fitloop::step_rng(ta.seed, step));
         let x = batch_tensor(&self.train, batch, flip_rng.as_mut());
         let lr = ta.lr_at(step);
-        let s = train_step(&self.m, &mut self.opt, &x, a.kl_weight, ta.clip, lr);
+        let s = train_step(&self.m, &mut self.opt, &x, a.kl_weight, ta.clip, lr, a.recipe.recon_loss);
         let sm = self.smooth.map_or(s.recon, |v| 0.95 * v + 0.05 * s.recon);
         self.smooth = Some(sm);
-        let db = 10.0 * (4.0 / sm.max(1e-12)).log10();
+        let db = psnr_db(sm);
         Ok((s.loss, format!("loss {:.4} rec {:.4} kl {:.2} ~{db:.1} dB lr {lr:.1e}", s.loss, s.recon, s.kl)))
     }
 
@@ -294,9 +343,9 @@ pub fn evaluate(m: &VaeModel, held_out: &Dataset, png: &Path) -> Result<(f64, f6
             }
         }
     }
-    let to_db = |se: f64| 10.0 * (4.0 / (se / n as f64).max(1e-12)).log10();
+    let to_db = |se: f64| psnr_db(se / n as f64);
     let s = held_out.size;
     let count = shown.len() / (3 * s * s);
-    data::save_grid_png(png, &shown, count, s, 8.min(count).max(1))?;
+    spherear_core::grid::save_grid_png(png, &shown, count, s, 8.min(count).max(1))?;
     Ok((to_db(se_mode), to_db(se_sample)))
 }

@@ -26,6 +26,7 @@ use tch::Tensor;
 use crate::checkpoint::{self, StageConfig, TensorFile, TrainHeader};
 use crate::error::{Result, TrainError};
 use crate::identity::RunIdentity;
+use crate::optim::{self, LrSchedule};
 use crate::progress;
 
 /// Optimisation and loop settings shared by every stage.
@@ -33,10 +34,15 @@ use crate::progress;
 pub struct TrainArgs {
     pub steps: usize,
     pub batch: usize,
-    /// Peak learning rate; linear warmup over `warmup` steps, then cosine decay to `lr · min_lr_ratio`.
+    /// Peak learning rate; warmup over `warmup` steps, then `schedule`.
     pub lr: f64,
-    pub min_lr_ratio: f64,
     pub warmup: usize,
+    /// `--lr-schedule`: the official one or ours ([`crate::optim::LrSchedule`]).
+    pub schedule: LrSchedule,
+    /// `--min-lr`: the floor of the cosine (absolute); `None`: official 1e-5, ours 0.05 × `lr`.
+    pub min_lr: Option<f64>,
+    /// `--decay-start` (official schedule only): the step the cosine starts at; `None`: no decay.
+    pub decay_start: Option<usize>,
     /// Maximum global gradient norm.
     pub clip: f64,
     pub ckpt_every: usize,
@@ -57,8 +63,10 @@ impl TrainArgs {
         steps: 2000,
         batch: 32,
         lr: 1e-3,
-        min_lr_ratio: 0.05,
         warmup: 100,
+        schedule: LrSchedule::Ours,
+        min_lr: None,
+        decay_start: None,
         clip: 1.0,
         ckpt_every: 250,
         seed: 0,
@@ -73,9 +81,34 @@ impl TrainArgs {
         TrainArgs { steps, ..Self::DEFAULT }
     }
 
+    /// The floor of the cosine: `--min-lr`, else the schedule's default.
+    pub fn min_lr(&self) -> f64 {
+        self.min_lr.unwrap_or(match self.schedule {
+            LrSchedule::Official => optim::OFFICIAL_MIN_LR,
+            LrSchedule::Ours => self.lr * optim::OURS_MIN_LR_RATIO,
+        })
+    }
+
     /// Learning rate at `step`.
     pub fn lr_at(&self, step: usize) -> f64 {
-        crate::optim::lr_at(step, self.steps, self.warmup, self.lr, self.min_lr_ratio)
+        match self.schedule {
+            LrSchedule::Official => {
+                optim::lr_official(step, self.steps, self.warmup, self.decay_start, self.lr, self.min_lr())
+            }
+            LrSchedule::Ours => optim::lr_at(step, self.steps, self.warmup, self.lr, self.min_lr() / self.lr),
+        }
+    }
+
+    /// The schedule's settings as a run records them (flag → value), so that a resume with another
+    /// schedule is refused.
+    pub fn schedule_record(&self) -> Vec<(&'static str, String)> {
+        let min_lr = match (self.min_lr, self.schedule) {
+            (Some(v), _) => v.to_string(),
+            (None, LrSchedule::Official) => optim::OFFICIAL_MIN_LR.to_string(),
+            (None, LrSchedule::Ours) => format!("{} x lr", optim::OURS_MIN_LR_RATIO),
+        };
+        let decay_start = self.decay_start.map_or_else(|| "none".to_string(), |s| s.to_string());
+        vec![("--lr-schedule", self.schedule.name().to_string()), ("--min-lr", min_lr), ("--decay-start", decay_start)]
     }
 
     /// Checks every value (the messages name the command-line flags).
@@ -84,6 +117,15 @@ impl TrainArgs {
         at_least("--batch", self.batch, 1)?;
         positive("--lr", self.lr)?;
         positive("--clip", self.clip)?;
+        if let Some(m) = self.min_lr {
+            spherear_core::validate::in_range("--min-lr", m, 0.0, self.lr)?;
+        }
+        if self.decay_start.is_some() && self.schedule != LrSchedule::Official {
+            return Err(spherear_core::CoreError::Invalid(
+                "--decay-start applies to --lr-schedule official only".into(),
+            )
+            .into());
+        }
         at_least("--ckpt-every", self.ckpt_every, 1)?;
         if let Some(n) = self.limit {
             at_least("--limit", n, 1)?;

@@ -8,6 +8,7 @@
 //!
 //! Both go into the metadata of the training checkpoints (`data_sha256`, `data_limit`, and for the AR
 //! stage `vae_sha256`; [`RunIdentity`] records and compares them) and into the stamp of the latents cache.
+//! The checkpoints also record the training recipe (`recipe`, [`crate::recipe`]), compared the same way.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -22,6 +23,8 @@ use crate::error::{Result, TrainError};
 pub const DATA_SHA256: &str = "data_sha256";
 pub const DATA_LIMIT: &str = "data_limit";
 pub const VAE_SHA256: &str = "vae_sha256";
+/// The training recipe (JSON object: flag → value, see [`crate::recipe`]).
+pub const RECIPE: &str = "recipe";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -124,18 +127,30 @@ pub struct RunIdentity {
     pub data: DataIdentity,
     /// The VAE weights file and its SHA-256 (hex).
     pub vae: Option<(PathBuf, String)>,
+    /// The recipe flags and their values ([`crate::recipe::Recipe::vae_record`]); empty: none recorded.
+    pub recipe: Vec<(&'static str, String)>,
 }
 
 impl RunIdentity {
     /// The identity of a stage trained on `data` alone.
     pub fn data(data: DataIdentity) -> Self {
-        RunIdentity { data, vae: None }
+        RunIdentity { data, vae: None, recipe: Vec::new() }
+    }
+
+    /// This identity with the recipe `recipe` (flag → value).
+    pub fn with_recipe(self, recipe: Vec<(&'static str, String)>) -> Self {
+        RunIdentity { recipe, ..self }
     }
 
     /// Records this identity in checkpoint metadata.
     pub fn record(&self, meta: &mut HashMap<String, String>) {
         if let Some((_, sha)) = &self.vae {
             meta.insert(VAE_SHA256.into(), sha.clone());
+        }
+        if !self.recipe.is_empty() {
+            let map: serde_json::Map<String, serde_json::Value> =
+                self.recipe.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.clone()))).collect();
+            meta.insert(RECIPE.into(), serde_json::Value::Object(map).to_string());
         }
         self.data.record(meta);
     }
@@ -155,7 +170,22 @@ impl RunIdentity {
             }
         }
         out.extend(self.data.changes(meta));
+        out.extend(self.recipe_changes(meta));
         out
+    }
+
+    /// The recipe flags whose recorded value differs ("--recon-loss was mse, now l1"); a flag the
+    /// checkpoint does not record (an older trainer) is not checked.
+    fn recipe_changes(&self, meta: &HashMap<String, String>) -> Vec<String> {
+        let old: serde_json::Map<String, serde_json::Value> =
+            meta.get(RECIPE).and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default();
+        self.recipe
+            .iter()
+            .filter_map(|(flag, now)| match old.get(*flag).and_then(|v| v.as_str()) {
+                Some(was) if was != now => Some(format!("{flag} was {was}, now {now}")),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -176,6 +206,21 @@ pub fn changed_error(ckpt: &Path, stage: &str, changes: &[String]) -> TrainError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_recipe_is_named() {
+        let data = DataIdentity { sha256: "ab".into(), limit: None };
+        let run = |loss: &str| {
+            RunIdentity::data(data.clone()).with_recipe(vec![("--recon-loss", loss.into()), ("--init", "tch".into())])
+        };
+        let mut meta = HashMap::new();
+        run("mse").record(&mut meta);
+        assert!(run("mse").changes(&meta).is_empty());
+        assert_eq!(run("l1").changes(&meta), vec!["--recon-loss was mse, now l1".to_string()]);
+        // A checkpoint without a recipe (older trainer) is not checked.
+        meta.remove(RECIPE);
+        assert!(run("l1").changes(&meta).is_empty());
+    }
 
     #[test]
     fn sha256_of_known_bytes() {

@@ -1,5 +1,5 @@
 //! `trainer import`: official `torch.save` checkpoints → our checkpoint format, without executing pickle
-//! code (see `spherear_core::torch_pickle`). Every key and shape is checked against the preset's layout
+//! code (see [`crate::torch_pickle`]). Every key and shape is checked against the preset's layout
 //! (`spherear_core::keys`) and all mismatches are listed in the error.
 
 use std::collections::BTreeMap;
@@ -7,13 +7,13 @@ use std::path::Path;
 
 use spherear_core::fsutil;
 use spherear_core::keys::{all_keys, param_count};
-use spherear_core::torch_pickle::{read_torch_checkpoint, TorchCheckpoint};
 use spherear_core::ModelConfig;
 use tch::Tensor;
 
 use crate::ar::ArModel;
 use crate::checkpoint;
 use crate::error::{Result, TrainError};
+use crate::torch_pickle::{read_torch_checkpoint, TorchCheckpoint};
 
 /// What an import read and wrote.
 #[derive(Debug, Clone)]

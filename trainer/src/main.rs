@@ -6,14 +6,18 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use spherear_core::data::{parse_source, save_grid_png};
+use spherear_core::data::parse_source;
+use spherear_core::grid::save_grid_png;
 use spherear_core::validate::{at_least, in_range, non_negative, positive};
-use spherear_core::CoreError;
+use spherear_core::{CoreError, Posterior};
 use trainer::ar::ArModel;
 use trainer::fit_ar::{self, fit_ar, ArFitArgs};
 use trainer::fit_judge::{self, fit_judge, JudgeFitArgs};
 use trainer::fit_vae::{self, fit_vae, VaeFitArgs};
 use trainer::fitloop::{FitSummary, TrainArgs};
+use trainer::layers::InitScheme;
+use trainer::optim::{DecayGroups, LrSchedule};
+use trainer::recipe::{self, ReconLoss};
 use trainer::sample::{decode_timed, sample_tokens_with_stats, SampleRequest};
 
 #[derive(Parser)]
@@ -26,9 +30,28 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `--posterior` (the names of [`Posterior`]).
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum PosteriorArg {
+    Spherical,
+    Gaussian,
+    GaussianNorm,
+}
+
+impl From<PosteriorArg> for Posterior {
+    fn from(p: PosteriorArg) -> Self {
+        match p {
+            PosteriorArg::Spherical => Posterior::PowerSpherical,
+            PosteriorArg::Gaussian => Posterior::Gaussian,
+            PosteriorArg::GaussianNorm => Posterior::GaussianNorm,
+        }
+    }
+}
+
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
 enum Stage {
-    /// The S-VAE: reconstruction + KL of the Power Spherical posterior to the uniform sphere.
+    /// The S-VAE: reconstruction + KL of the Power Spherical posterior to the uniform sphere (or of the
+    /// Gaussian posterior to N(0, I) with --posterior gaussian).
     Vae,
     /// The AR transformer + diffusion head on frozen VAE latents (needs --vae).
     Ar,
@@ -62,22 +85,75 @@ struct FitArgs {
     steps: Option<usize>,
     #[arg(long, help = stage_default("Images per step", |t| t.batch))]
     batch: Option<usize>,
-    #[arg(long, help = stage_default(
-        "Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05 except norms, biases, embeddings)",
-        |t| t.lr,
+    #[arg(long, help = format!(
+        "{}; official presets: {} for vae, {} for ar",
+        stage_default("Peak learning rate (AdamW, β = 0.9/0.95, weight decay 0.05, see --decay-groups)", |t| t.lr),
+        recipe::OFFICIAL_VAE_LR,
+        recipe::OFFICIAL_AR_LR
     ))]
     lr: Option<f64>,
-    #[arg(long, help = stage_default("Linear warmup steps before the cosine decay", |t| t.warmup))]
-    warmup: Option<usize>,
     #[arg(long, help = format!(
-        "VAE stage: weight of the KL term (mean over tokens) (default: {})", fit_vae::DEFAULT_KL_WEIGHT
+        "{}; official presets: 0 for vae, {} for ar",
+        stage_default("Linear warmup steps", |t| t.warmup),
+        recipe::OFFICIAL_AR_WARMUP
+    ))]
+    warmup: Option<usize>,
+    /// Learning-rate schedule after the warmup. official: the peak, then from --decay-start a cosine to
+    /// --min-lr (the official VAE run has no decay: a constant 1e-4); ours: a cosine from the end of the
+    /// warmup to --min-lr. Default: official for spherear-b|l|h (vae and ar), ours for the small presets and
+    /// the judge.
+    #[arg(long, value_enum)]
+    lr_schedule: Option<LrSchedule>,
+    /// Floor of the cosine, absolute (default: 1e-5 for --lr-schedule official, 0.05 × --lr for ours).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// --lr-schedule official: the step the cosine starts at, or `none` for no decay (default: 20000 for
+    /// the AR stage of the official presets, none for their VAE stage).
+    #[arg(long, value_name = "STEP|none", value_parser = parse_decay_start)]
+    decay_start: Option<DecayStart>,
+    #[arg(long, help = format!(
+        "VAE stage: weight of the KL term (spherical: mean over tokens; Gaussian: mean over all elements) \
+         (default: {} for spherical, {} for gaussian and gaussian-norm)",
+        fit_vae::DEFAULT_KL_WEIGHT,
+        fit_vae::DEFAULT_GAUSSIAN_KL_WEIGHT
     ))]
     kl_weight: Option<f64>,
+    /// Posterior family of the VAE, recorded in its config (VAE stage; default spherical). spherical: Power
+    /// Spherical, tokens on the radius-√d sphere (SphereAR); gaussian: diagonal Gaussian, z = μ + σ·ε, KL to
+    /// N(0, I), tokens never projected (the AR model sees them scaled to unit RMS, see README); gaussian-norm:
+    /// the Gaussian posterior with samples projected onto the sphere (the paper's "Gaussian+norm"). The AR
+    /// stage takes the VAE's; given there, it must name the same.
+    #[arg(long, value_enum)]
+    posterior: Option<PosteriorArg>,
     #[arg(long, help = format!(
-        "AR stage: EMA decay of the shipped weights (warmed up as min(decay, (1+t)/(10+t))) (default: {})",
-        fit_ar::DEFAULT_EMA_DECAY
+        "AR stage: EMA decay of the shipped weights, from a copy of the initial weights (default: {} for \
+         spherear-b|l|h, {} for the small presets)",
+        recipe::OFFICIAL_EMA_DECAY,
+        recipe::OURS_EMA_DECAY
     ))]
     ema_decay: Option<f64>,
+    /// AR stage: warm the EMA decay up as min(decay, (1+t)/(10+t)) after step t (ours) instead of the
+    /// official constant decay (default: false for spherear-b|l|h, true for the small presets).
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    ema_warmup: Option<bool>,
+    /// VAE stage: reconstruction loss (default: l1 for spherear-b|l|h, mse for the small presets, whose
+    /// demo reports PSNR, the quantity MSE optimises).
+    #[arg(long, value_enum)]
+    recon_loss: Option<ReconLoss>,
+    /// VAE stage: initialisation of the convolutions and the encoder.output/quant_proj/post_quant_proj
+    /// linears, the layers the official code leaves at the framework default (default: pytorch for
+    /// spherear-b|l|h, tch for the small presets). All other layers get the official explicit init.
+    #[arg(long, value_enum)]
+    init: Option<InitScheme>,
+    /// VAE and AR stages: which parameters get weight decay (default: official for spherear-b|l|h, ours for
+    /// the small presets).
+    #[arg(long, value_enum)]
+    decay_groups: Option<DecayGroups>,
+    /// AR stage: cache the latents of N augmented views per training image (the official random crop of
+    /// 80–100 % of the side + 50 % horizontal flip, fixed by --seed) and draw one view per image per
+    /// batch; 0 = none. Memory and encoding time grow N-fold (default: 0).
+    #[arg(long, value_name = "N")]
+    augment: Option<usize>,
     #[arg(long, help = stage_default("Gradient clipping: maximum global L2 norm", |t| t.clip))]
     clip: Option<f64>,
     #[arg(long, help = stage_default("Write a resumable checkpoint every N steps", |t| t.ckpt_every))]
@@ -134,7 +210,32 @@ impl FitArgs {
         if let Some(c) = self.clip {
             positive("--clip", c)?;
         }
+        if let Some(m) = self.min_lr {
+            non_negative("--min-lr", m)?;
+        }
+        let only = |flag: &str, given: bool, stages: &[Stage], names: &str| -> Result<(), CoreError> {
+            if given && !stages.contains(&self.stage) {
+                return Err(CoreError::Invalid(format!("{flag} applies to {names} only")));
+            }
+            Ok(())
+        };
+        only("--recon-loss", self.recon_loss.is_some(), &[Stage::Vae], "--stage vae")?;
+        only("--init", self.init.is_some(), &[Stage::Vae], "--stage vae")?;
+        only("--ema-warmup", self.ema_warmup.is_some(), &[Stage::Ar], "--stage ar")?;
+        only("--augment", self.augment.is_some(), &[Stage::Ar], "--stage ar")?;
+        only("--decay-groups", self.decay_groups.is_some(), &[Stage::Vae, Stage::Ar], "--stage vae and ar")?;
         Ok(())
+    }
+}
+
+/// `--decay-start`: a step, or no decay.
+#[derive(Clone, Copy)]
+struct DecayStart(Option<usize>);
+
+fn parse_decay_start(s: &str) -> Result<DecayStart, String> {
+    match s {
+        "none" => Ok(DecayStart(None)),
+        _ => s.parse().map(|n| DecayStart(Some(n))).map_err(|_| format!("expected a step or `none`, got '{s}'")),
     }
 }
 
@@ -169,9 +270,10 @@ struct SampleArgs {
     /// Images per class (grid columns).
     #[arg(long, default_value_t = 1)]
     per_class: usize,
-    /// Classifier-free guidance scale (1 = none; linear schedule from 1 at token 0 to cfg).
-    #[arg(long, default_value_t = 3.0)]
-    cfg: f32,
+    /// Guidance scale (CFG), at least 1; 1 turns guidance off. It grows linearly from 1 at the first token.
+    /// [default: the model's own, the same as `runtime generate` uses (see its --help)]
+    #[arg(long, allow_negative_numbers = true)]
+    cfg: Option<f32>,
     /// Euler–Maruyama steps of the diffusion head per token (plus one final Euler step).
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -203,8 +305,9 @@ struct SampleArgs {
 enum Cmd {
     /// Train a stage. Rerunning the same command resumes from the last checkpoint in --out (exactly:
     /// the result equals an uninterrupted run); Ctrl-C writes a checkpoint before exiting (code 130); a
-    /// finished stage is left as it is (--force retrains it). Resuming with another --data, --limit or
-    /// --vae is refused.
+    /// finished stage is left as it is (--force retrains it). Resuming with another --data, --limit, --vae
+    /// or recipe (--recon-loss, --init, --decay-groups, --ema-decay, --ema-warmup, --augment, --lr-schedule,
+    /// --min-lr, --decay-start) is refused.
     Fit(Box<FitArgs>),
     /// Sample a class-conditional PNG grid with the reference (libtorch) sampler.
     Sample(SampleArgs),
@@ -293,12 +396,17 @@ fn run() -> Result<()> {
 
 /// The loop settings: the flags given, else the stage's defaults `d` (the library's).
 fn train_args(f: &FitArgs, d: &TrainArgs) -> TrainArgs {
+    let schedule = f.lr_schedule.unwrap_or(d.schedule);
+    let same_schedule = schedule == d.schedule;
     TrainArgs {
         steps: f.steps.unwrap_or(d.steps),
         batch: f.batch.unwrap_or(d.batch),
         lr: f.lr.unwrap_or(d.lr),
-        min_lr_ratio: d.min_lr_ratio,
         warmup: f.warmup.unwrap_or(d.warmup),
+        schedule,
+        // Another schedule than the default drops the default's floor and decay start.
+        min_lr: f.min_lr.or(d.min_lr.filter(|_| same_schedule)),
+        decay_start: f.decay_start.map_or(d.decay_start.filter(|_| same_schedule), |s| s.0),
         clip: f.clip.unwrap_or(d.clip),
         ckpt_every: f.ckpt_every.unwrap_or(d.ckpt_every),
         seed: f.seed.unwrap_or(d.seed),
@@ -310,9 +418,13 @@ fn train_args(f: &FitArgs, d: &TrainArgs) -> TrainArgs {
 }
 
 fn fit_vae_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
-    let mut a = VaeFitArgs::new(&f.preset, parse_source(&f.data), f.out.clone());
+    let posterior = f.posterior.map_or(Posterior::default(), Posterior::from);
+    let mut a = VaeFitArgs::new(&f.preset, parse_source(&f.data), f.out.clone()).with_posterior(posterior);
     a.train = train_args(f, &a.train);
     a.kl_weight = f.kl_weight.unwrap_or(a.kl_weight);
+    a.recipe.recon_loss = f.recon_loss.unwrap_or(a.recipe.recon_loss);
+    a.recipe.init = f.init.unwrap_or(a.recipe.init);
+    a.recipe.decay_groups = f.decay_groups.unwrap_or(a.recipe.decay_groups);
     a.flip = f.flip;
     a.eval_images = f.eval_images.unwrap_or(a.eval_images);
     let r = fit_vae(&a, stop).with_context(|| format!("training the VAE into {}", f.out.display()))?;
@@ -333,7 +445,11 @@ fn fit_ar_cmd(f: &FitArgs, stop: &AtomicBool) -> Result<()> {
     let Some(vae) = f.vae.clone() else { bail!("--stage ar needs --vae RUN_FOLDER (a finished VAE stage)") };
     let mut a = ArFitArgs::new(vae, &f.preset, parse_source(&f.data), f.out.clone());
     a.train = train_args(f, &a.train);
-    a.ema_decay = f.ema_decay.unwrap_or(a.ema_decay);
+    a.posterior = f.posterior.map(Posterior::from);
+    a.recipe.ema.decay = f.ema_decay.unwrap_or(a.recipe.ema.decay);
+    a.recipe.ema.warmup = f.ema_warmup.unwrap_or(a.recipe.ema.warmup);
+    a.recipe.decay_groups = f.decay_groups.unwrap_or(a.recipe.decay_groups);
+    a.recipe.augment = f.augment.unwrap_or(a.recipe.augment);
     let r = fit_ar(&a, stop).with_context(|| format!("training the AR model into {}", f.out.display()))?;
     let extra =
         format!(" (+{:.0} s latents); weights {}", r.latent_seconds, trainer::ar::weights_path(&f.out).display());
@@ -399,7 +515,8 @@ fn sample_cmd(s: &SampleArgs) -> Result<()> {
     let m = ArModel::load(&s.checkpoint).with_context(|| format!("loading {}", s.checkpoint.display()))?;
     let nc = m.config.num_classes as i64;
     let rows = s.classes.clone().unwrap_or_else(|| (0..nc).collect());
-    let mut req = SampleRequest::grid(&rows, s.per_class, s.cfg, s.steps, s.seed, s.batch)?;
+    let cfg = s.cfg.unwrap_or(m.config.default_cfg());
+    let mut req = SampleRequest::grid(&rows, s.per_class, cfg, s.steps, s.seed, s.batch)?;
     req.token_limit = s.token_limit;
     req.validate(m.config.num_classes)?;
     // Outputs are checked before any work: a target that is not a regular file, or a folder that cannot be

@@ -84,7 +84,8 @@ impl TokenBackend for TchBackend<'_> {
     }
 }
 
-/// Samples all images of a request in batches of `req.batch`: tokens [N, L, d] on the radius-R sphere.
+/// Samples all images of a request in batches of `req.batch`: tokens [N, L, d] (on the radius-R sphere unless
+/// the posterior is Gaussian).
 pub fn sample_tokens(m: &ArModel, req: &SampleRequest, on_batch: impl FnMut(usize)) -> Result<Tensor> {
     sample_tokens_with_stats(m, req, on_batch).map(|(_, t)| t)
 }
@@ -102,7 +103,7 @@ pub fn sample_tokens_with_stats(
     let shape = LoopShape {
         num_tokens: cfg.num_tokens(),
         latent_dim: cfg.latent_dim,
-        radius: cfg.radius(),
+        radius: cfg.token_radius(),
         null_class: cfg.null_class() as i64,
     };
     let mut backend =

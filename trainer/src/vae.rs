@@ -1,19 +1,22 @@
 //! The S-VAE of SphereAR: a CNN patchifier and a bidirectional ViT encode an image into a grid of tokens;
 //! `quant_proj` gives a mean direction μ and a concentration κ = softplus(·) + 1 per token; a Power Spherical
 //! posterior is sampled and scaled to the radius-R sphere; a ViT and a CNN un-patchifier decode it.
+//! With `posterior` = gaussian the same network is the diagonal-Gaussian baseline: `quant_proj` gives
+//! (μ, log σ²) per token and z = μ + σ·ε goes to the decoder as it is (gaussian-norm: projected to radius R).
 //! Module and weight names are the official ones (`vae.encoder.*`, `vae.decoder.*`, `vae.quant_proj`, ...).
 
-use spherear_core::config::{ModelConfig, VaeConfig};
+use spherear_core::config::{ModelConfig, Posterior, VaeConfig};
 use spherear_core::rope::rope_2d;
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::gaussian::DiagonalGaussian;
 use crate::layers::{linear_default, rope_tensor, RmsNorm, TransformerBlock, INIT_STD};
 use crate::psd::{l2_normalize, PowerSpherical};
 
 fn gn(vs: nn::Path, groups: i64, ch: i64) -> nn::GroupNorm {
-    nn::group_norm(vs, groups, ch, nn::GroupNormConfig { eps: 1e-6, ..Default::default() })
+    nn::group_norm(vs, groups, ch, nn::GroupNormConfig { eps: spherear_core::config::NORM_EPS, ..Default::default() })
 }
 
 fn conv(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
@@ -26,7 +29,16 @@ fn conv_t(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn
 }
 
 fn groups(ch: i64) -> i64 {
-    (ch / 4).min(32)
+    spherear_core::config::group_norm_groups(ch as usize) as i64
+}
+
+/// Whether the S-VAE variable `name` (relative to the VAE, e.g. `quant_proj.bias`) is one the official
+/// code leaves at the framework's default initialisation: every convolution kernel and the
+/// `encoder.output`, `quant_proj` and `post_quant_proj` linears ([`crate::layers::InitScheme`]).
+pub fn has_framework_default_init(name: &str, t: &Tensor) -> bool {
+    const LINEARS: [&str; 3] = ["encoder.output", "quant_proj", "post_quant_proj"];
+    let layer = name.rsplit_once('.').map_or(name, |(layer, _)| layer);
+    t.dim() == 4 || LINEARS.contains(&layer)
 }
 
 /// [N, C, H, W] → [N, H·W, C]
@@ -208,7 +220,7 @@ impl VitDecoder {
             conv_in: conv(&vs / "conv_in" / "1", z, z, 3, 1, 1),
             trunk: VitTrunk::new(&vs, cfg, v.decoder_layers)?,
             unpatchify: chs.windows(2).enumerate().map(|(i, w)| ResUpBlock::new(&net / i, w[0], w[1])).collect(),
-            out_norm: gn(&vs / "conv_out" / "0", 16, last),
+            out_norm: gn(&vs / "conv_out" / "0", spherear_core::config::OUT_NORM_GROUPS as i64, last),
             out_conv: conv(&vs / "conv_out" / "2", last, 3, 3, 1, 1),
         })
     }
@@ -224,15 +236,95 @@ impl VitDecoder {
     }
 }
 
-/// Posterior parameters of a batch: unit mean directions [N, L, d] and concentrations [N, L].
-pub struct Posterior {
-    pub mu: Tensor,
-    pub kappa: Tensor,
+/// Posterior parameters of a batch, as `quant_proj` gives them (and as the AR stage caches them).
+pub enum PosteriorParams {
+    /// Power Spherical: unit mean directions μ [N, L, d] and concentrations κ [N, L].
+    Spherical { mu: Tensor, kappa: Tensor },
+    /// Diagonal Gaussian (also Gaussian+norm): means μ and log-variances log σ², both [N, L, d].
+    Gaussian { mean: Tensor, logvar: Tensor },
 }
 
-impl Posterior {
-    pub fn distribution(&self) -> PowerSpherical {
-        PowerSpherical::new(&self.mu, &self.kappa)
+impl PosteriorParams {
+    /// The two tensors under their cache names (`mu`/`kappa` or `mean`/`logvar`).
+    pub fn named(&self) -> [(&'static str, &Tensor); 2] {
+        match self {
+            PosteriorParams::Spherical { mu, kappa } => [("mu", mu), ("kappa", kappa)],
+            PosteriorParams::Gaussian { mean, logvar } => [("mean", mean), ("logvar", logvar)],
+        }
+    }
+
+    /// Rebuilds the parameters of `family` from tensors named as in [`PosteriorParams::named`].
+    pub fn from_named(family: Posterior, get: impl Fn(&str) -> Option<Tensor>) -> Option<Self> {
+        Some(match family {
+            Posterior::PowerSpherical => PosteriorParams::Spherical { mu: get("mu")?, kappa: get("kappa")? },
+            Posterior::Gaussian | Posterior::GaussianNorm => {
+                PosteriorParams::Gaussian { mean: get("mean")?, logvar: get("logvar")? }
+            }
+        })
+    }
+
+    /// The rows `idx` (first axis) of both tensors.
+    pub fn index_select(&self, idx: &Tensor) -> Self {
+        match self {
+            PosteriorParams::Spherical { mu, kappa } => {
+                PosteriorParams::Spherical { mu: mu.index_select(0, idx), kappa: kappa.index_select(0, idx) }
+            }
+            PosteriorParams::Gaussian { mean, logvar } => {
+                PosteriorParams::Gaussian { mean: mean.index_select(0, idx), logvar: logvar.index_select(0, idx) }
+            }
+        }
+    }
+
+    /// Concatenates batches along the first axis (all of the same family).
+    pub fn cat(parts: &[PosteriorParams]) -> Option<Self> {
+        let pick = |k: usize| parts.iter().map(|p| p.named()[k].1.shallow_clone()).collect::<Vec<_>>();
+        let (a, b) = (Tensor::cat(&pick(0), 0), Tensor::cat(&pick(1), 0));
+        Some(match parts.first()? {
+            PosteriorParams::Spherical { .. } => PosteriorParams::Spherical { mu: a, kappa: b },
+            PosteriorParams::Gaussian { .. } => PosteriorParams::Gaussian { mean: a, logvar: b },
+        })
+    }
+
+    /// A reparameterised token sample: R·u with u ~ Power Spherical (`radius` must be given), or μ + σ·ε,
+    /// projected onto the radius-`radius` sphere when given (Gaussian+norm).
+    pub fn rsample(&self, radius: Option<f64>) -> Tensor {
+        match self {
+            PosteriorParams::Spherical { mu, kappa } => {
+                PowerSpherical::new(mu, kappa).rsample() * radius.unwrap_or(1.0)
+            }
+            PosteriorParams::Gaussian { mean, logvar } => {
+                project(DiagonalGaussian::new(mean, logvar).rsample(), radius)
+            }
+        }
+    }
+
+    /// The deterministic token: R·μ (spherical), μ (Gaussian), R·μ/‖μ‖ (Gaussian+norm).
+    pub fn mode(&self, radius: Option<f64>) -> Tensor {
+        match self {
+            PosteriorParams::Spherical { mu, .. } => mu * radius.unwrap_or(1.0),
+            PosteriorParams::Gaussian { mean, .. } => project(mean.shallow_clone(), radius),
+        }
+    }
+
+    /// The KL term of the loss: to the uniform sphere, one value per token, averaged over tokens; to N(0, I),
+    /// one value per element, averaged over all elements (the paper's convention, footnote 2).
+    pub fn kl_mean(&self) -> Tensor {
+        match self {
+            PosteriorParams::Spherical { mu, kappa } => {
+                PowerSpherical::new(mu, kappa).kl_to_uniform().mean(Kind::Float)
+            }
+            PosteriorParams::Gaussian { mean, logvar } => {
+                DiagonalGaussian::new(mean, logvar).kl_to_standard_normal().mean(Kind::Float)
+            }
+        }
+    }
+}
+
+/// z projected onto the radius-`radius` sphere when a radius is given.
+fn project(z: Tensor, radius: Option<f64>) -> Tensor {
+    match radius {
+        Some(r) => l2_normalize(&z) * r,
+        None => z,
     }
 }
 
@@ -245,28 +337,45 @@ pub struct Vae {
     pub post_quant_proj: nn::Linear,
     pub latent_dim: i64,
     pub radius: f64,
+    /// Posterior family (fixes `quant_proj`'s width).
+    pub posterior: Posterior,
 }
 
 impl Vae {
     pub fn new(vs: nn::Path, cfg: &ModelConfig) -> Result<Self> {
-        let VaeConfig { z_channels, .. } = cfg.vae;
+        let VaeConfig { z_channels, posterior, .. } = cfg.vae;
         let (z, d) = (z_channels as i64, cfg.latent_dim as i64);
+        let q_out = posterior.quant_proj_out(cfg.latent_dim) as i64;
         Ok(Vae {
             encoder: VitEncoder::new(&vs / "encoder", cfg)?,
             decoder: VitDecoder::new(&vs / "decoder", cfg)?,
-            quant_proj: linear_default(&vs / "quant_proj", z, d + 1, true),
+            quant_proj: linear_default(&vs / "quant_proj", z, q_out, true),
             post_quant_proj: linear_default(&vs / "post_quant_proj", d, z, false),
             latent_dim: d,
             radius: cfg.radius() as f64,
+            posterior,
         })
     }
 
-    /// μ = normalize(first d outputs of `quant_proj`), κ = softplus(last) + 1.
-    pub fn posterior(&self, image: &Tensor) -> Posterior {
+    /// The radius tokens are projected to: R, or `None` for the plain Gaussian posterior.
+    pub fn token_radius(&self) -> Option<f64> {
+        self.posterior.on_sphere().then_some(self.radius)
+    }
+
+    /// The posterior parameters from `quant_proj`: spherical μ = normalize(first d outputs), κ = softplus(last)
+    /// + 1; Gaussian μ = first d outputs, log σ² = last d.
+    pub fn posterior(&self, image: &Tensor) -> PosteriorParams {
         let h = self.encoder.forward(image).apply(&self.quant_proj);
-        let mu = l2_normalize(&h.narrow(-1, 0, self.latent_dim));
-        let kappa = h.select(-1, self.latent_dim).softplus() + 1.0;
-        Posterior { mu, kappa }
+        let d = self.latent_dim;
+        match self.posterior {
+            Posterior::PowerSpherical => PosteriorParams::Spherical {
+                mu: l2_normalize(&h.narrow(-1, 0, d)),
+                kappa: h.select(-1, d).softplus() + 1.0,
+            },
+            Posterior::Gaussian | Posterior::GaussianNorm => {
+                PosteriorParams::Gaussian { mean: h.narrow(-1, 0, d), logvar: h.narrow(-1, d, d) }
+            }
+        }
     }
 
     /// Projects tokens onto the radius-R sphere (the official `normalize`).
@@ -274,19 +383,18 @@ impl Vae {
         l2_normalize(z) * self.radius
     }
 
-    /// Training-time encoding: a posterior sample on the radius-R sphere and the mean KL to uniform.
+    /// Training-time encoding: a posterior sample in token space ([`PosteriorParams::rsample`]) and the mean KL.
     pub fn encode(&self, image: &Tensor) -> (Tensor, Tensor) {
-        let q = self.posterior(image).distribution();
-        let kl = q.kl_to_uniform().mean(tch::Kind::Float);
-        (q.rsample() * self.radius, kl)
+        let q = self.posterior(image);
+        (q.rsample(self.token_radius()), q.kl_mean())
     }
 
-    /// Deterministic encoding: the posterior mode R·μ.
+    /// Deterministic encoding: the posterior mode ([`PosteriorParams::mode`]).
     pub fn encode_mode(&self, image: &Tensor) -> Tensor {
-        self.posterior(image).mu * self.radius
+        self.posterior(image).mode(self.token_radius())
     }
 
-    /// tokens [N, L, d] on the sphere → image [N, 3, H, W] (≈ [−1, 1]).
+    /// tokens [N, L, d] → image [N, 3, H, W] (≈ [−1, 1]).
     pub fn decode(&self, z: &Tensor) -> Tensor {
         self.decoder.forward(&z.apply(&self.post_quant_proj))
     }

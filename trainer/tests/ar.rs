@@ -10,6 +10,7 @@ use spherear_core::ModelConfig;
 use tch::{Device, Kind, Tensor};
 use trainer::ar::{ArModel, KvCache};
 use trainer::fit_ar::ArTrainer;
+use trainer::optim::Ema;
 use trainer::sample::{sample_tokens, SampleRequest};
 
 fn vec(t: &Tensor) -> Vec<f32> {
@@ -208,7 +209,7 @@ fn tiny_ar_loss_falls_and_ema_differs_from_raw_weights() {
         let idx = Tensor::randint(n, [16], (Kind::Int64, Device::Cpu));
         let lab = tr.drop_labels(&labels.index_select(0, &idx), 0.1);
         let lr = trainer::optim::lr_at(step, 300, 20, 2e-3, 0.1);
-        losses.push(tr.step(&z.index_select(0, &idx), &lab, lr, 1.0, 0.99));
+        losses.push(tr.step(&z.index_select(0, &idx), &lab, lr, 1.0, Ema { decay: 0.99, warmup: true }));
     }
     let first = losses[..20].iter().sum::<f64>() / 20.0;
     let last = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use spherear_core::torch_pickle::read_torch_checkpoint;
+use trainer::torch_pickle::read_torch_checkpoint;
 use spherear_core::ModelConfig;
 use tch::{Device, Kind, Tensor};
 use trainer::ar::{ArModel, KvCache};

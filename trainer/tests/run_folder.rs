@@ -211,6 +211,58 @@ fn resume_refuses_another_vae_data_or_limit_and_force_starts_afresh() {
     one_line_error(vae(&other_data, &v3, "6", &[]), &["without its training checkpoint", "--force"]);
 }
 
+#[test]
+fn recipe_flags_are_recorded_resume_exactly_and_a_changed_recipe_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    write_image_folder(&data, 6);
+    let with = |a: &[&'static str], b: &[&'static str]| [a, b].concat();
+
+    // The official VAE recipe on the tiny preset: interrupted and resumed = one run; another recipe is refused.
+    let official_vae =
+        ["--recon-loss", "l1", "--init", "pytorch", "--decay-groups", "official", "--lr-schedule", "official"];
+    ok(vae(&data, &p("v-a"), "6", &with(&official_vae, &["--decay-start", "4"])));
+    stopped(vae(&data, &p("v-b"), "6", &with(&official_vae, &["--decay-start", "4", "--stop-after", "3"])), "3/6");
+    let changed =
+        ["--recon-loss", "mse", "--init", "pytorch", "--decay-groups", "official", "--lr-schedule", "official"];
+    one_line_error(
+        vae(&data, &p("v-b"), "6", &with(&changed, &["--decay-start", "4"])),
+        &["--recon-loss was l1, now mse"],
+    );
+    one_line_error(vae(&data, &p("v-b"), "6", &official_vae), &["--decay-start was 4, now none"]);
+    ok(vae(&data, &p("v-b"), "6", &with(&official_vae, &["--decay-start", "4"])));
+    for f in ["vae.safetensors", "train-vae.safetensors"] {
+        assert_bit_identical(&p("v-a").join(f), &p("v-b").join(f));
+    }
+    let recipe = &checkpoint::read_metadata(&p("v-a").join("train-vae.safetensors")).unwrap()["recipe"];
+    assert!(recipe.contains(r#""--recon-loss":"l1""#) && recipe.contains(r#""--init":"pytorch""#), "{recipe}");
+
+    // AR with 2 cached augmented views and the official EMA: exact resume; another --augment is refused.
+    let v = p("v-a");
+    let official_ar =
+        ["--augment", "2", "--ema-warmup", "false", "--ema-decay", "0.9999", "--decay-groups", "official"];
+    ok(ar(&v, &data, &p("a-a"), "6", &official_ar));
+    stopped(ar(&v, &data, &p("a-b"), "6", &with(&official_ar, &["--stop-after", "3"])), "stopped at step 3/6");
+    let changed = ["--augment", "3", "--ema-warmup", "false", "--ema-decay", "0.9999", "--decay-groups", "official"];
+    one_line_error(ar(&v, &data, &p("a-b"), "6", &changed), &["--augment was 2, now 3"]);
+    ok(ar(&v, &data, &p("a-b"), "6", &official_ar));
+    for f in ["ar.safetensors", "train-ar.safetensors"] {
+        assert_bit_identical(&p("a-a").join(f), &p("a-b").join(f));
+    }
+    let latents = checkpoint::load(&p("a-a").join("latents.safetensors")).unwrap();
+    assert!(latents.metadata["stamp"].contains("augment 2 views, seed 0"), "{:?}", latents.metadata);
+    assert_eq!(latents.tensors["labels"].size(), [2 * 6 * 2], "two views of 12 images");
+
+    // A stage's recipe flag on another stage is an error, before any work.
+    one_line_error(
+        ar(&v, &data, &p("a-c"), "6", &["--recon-loss", "l1"]),
+        &["--recon-loss applies to --stage vae only"],
+    );
+    one_line_error(vae(&data, &p("v-c"), "6", &["--augment", "2"]), &["--augment applies to --stage ar only"]);
+    assert!(!p("a-c").exists() && !p("v-c").exists());
+}
+
 /// An ImageFolder with `n` classes of two 16×16 PNGs each.
 fn classes_folder(root: &Path, n: usize) {
     for c in 0..n {

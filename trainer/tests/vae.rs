@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 use trainer::checkpoint;
 use trainer::fit_vae::{batch_tensor, train_ckpt_path, train_step, VaeModel};
 use trainer::optim::{AdamW, AdamWConfig};
+use trainer::recipe::ReconLoss;
 
 mod common;
 use common::{trainer, write_image_folder};
@@ -65,7 +66,7 @@ fn tiny_vae_overfits_16_images() {
     let x = pattern_images(16, cfg.image_size as i64);
     let mut losses = Vec::new();
     for _ in 0..300 {
-        losses.push(train_step(&m, &mut opt, &x, 0.004, 1.0, 2e-3).loss);
+        losses.push(train_step(&m, &mut opt, &x, 0.004, 1.0, 2e-3, ReconLoss::Mse).loss);
     }
     let first = losses[..5].iter().sum::<f64>() / 5.0;
     let last = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;

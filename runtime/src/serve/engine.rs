@@ -566,9 +566,10 @@ impl Engine {
         metrics.head_calls.fetch_add(head_calls, Ordering::Relaxed);
         metrics.head_rows.fetch_add(head_rows, Ordering::Relaxed);
 
-        // Tokens: projection, the image's token is the conditional row; x keeps what is fed back.
+        // Tokens: projection (unless the posterior is Gaussian), the image's token is the conditional row; x
+        // keeps what is fed back.
         let now = Instant::now();
-        let radius = m.config.radius();
+        let radius = m.token_radius();
         let mut sampled = 0u64;
         let mut finished = Vec::new();
         for &i in &order {

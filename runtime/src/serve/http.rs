@@ -17,7 +17,7 @@ use axum::Router;
 use base64::Engine as _;
 use image::{ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
-use spherear_core::data::to_u8_pixel;
+use spherear_core::grid::to_u8_pixel;
 use tokio::sync::oneshot;
 
 use super::engine::{EngineMsg, Job, JobResult};

@@ -121,7 +121,7 @@ pub struct ImageOut {
     /// Index within the request (= its noise stream).
     pub index: usize,
     pub pixels: Vec<f32>,
-    /// The sampled tokens [L, d] (on the radius-R sphere).
+    /// The sampled tokens [L, d] (on the radius-R sphere unless the posterior is gaussian).
     pub tokens: Vec<f32>,
     /// Arrival → admission into a KV slot.
     pub queue_wait: Duration,

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use exporter::checkpoint::{write_random, Stage};
+use exporter::checkpoint::Stage;
+use exporter::random::write_random;
 use exporter::{export, ExportOptions};
 use spherear_core::ModelConfig;
 

@@ -23,8 +23,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ffn_hidden, head_hidden, ModelConfig};
-use crate::keys::{ar_keys, param_count, vae_keys, TIME_FREQ_DIM};
+use spherear_core::config::{ffn_hidden, head_hidden, ModelConfig};
+use spherear_core::keys::{ar_keys, param_count, vae_keys, TIME_FREQ_DIM};
+use spherear_core::schedule::head_evals;
 
 /// FLOPs and memory traffic of one call, per row (FLOPs) and per call (bytes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -206,7 +207,7 @@ impl ModelCost {
     /// The same model with the weight bytes each graph of an export really reads per call
     /// (`manifest.json`'s per-graph `weight_bytes`: quantized blocks and scales, constants), where the
     /// manifest records them. The cost of looked-up rows stays the model's estimate.
-    pub fn with_export_bytes(mut self, m: &crate::manifest::Manifest) -> Self {
+    pub fn with_export_bytes(mut self, m: &spherear_core::manifest::Manifest) -> Self {
         let bytes = |g: &str| m.graph_precision(g).and_then(|p| p.weight_bytes).map(|b| b as f64);
         for (call, g) in [
             (&mut self.prefill, "ar_prefill"),
@@ -226,7 +227,7 @@ impl ModelCost {
         [
             (self.prefill, 1.0, rows),
             (self.ar_step, l - 1.0, rows),
-            (self.head, l * (s.steps as f64 + 1.0), rows),
+            (self.head, l * head_evals(s.steps) as f64, rows),
             (self.decoder, 1.0, s.batch as f64),
         ]
     }
@@ -293,7 +294,7 @@ pub fn datasheet_gpus(fp16: bool) -> Vec<Machine> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ArConfig, VaeConfig};
+    use spherear_core::config::{ArConfig, VaeConfig};
 
     /// A config small enough to count by hand.
     fn hand() -> ModelConfig {
@@ -321,6 +322,7 @@ mod tests {
                 encoder_layers: 1,
                 decoder_layers: 1,
                 register_tokens: 1,
+                posterior: Default::default(),
             },
         }
     }

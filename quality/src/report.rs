@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use spherear_core::fsutil::write_atomic;
 
-use crate::error::{Result, RuntimeError};
+use crate::error::{QualityError, Result};
 
 /// A markdown table; every row must have as many cells as `headers`.
 pub fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -49,8 +49,8 @@ fn ensure_font() {
     });
 }
 
-fn plot_err(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Io(format!("cannot draw the chart: {e}"))
+fn plot_err(e: impl std::fmt::Display) -> QualityError {
+    QualityError::Io(format!("cannot draw the chart: {e}"))
 }
 
 fn range(v: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
@@ -140,7 +140,7 @@ pub fn write_line_chart(path: &Path, chart: &LineChart) -> Result<()> {
     let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err("buffer size"))?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map_err(plot_err)?;
-    write_atomic(path, &png).map_err(|e| RuntimeError::Io(e.to_string()))
+    Ok(write_atomic(path, &png)?)
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! Quality evaluation (`runtime eval`): generate a class-balanced set of images for every (steps, cfg)
-//! setting, score them with the judge classifier (an `exporter judge` folder), and report
+//! setting (with the caller's generator), score them with the judge classifier (an `exporter judge`
+//! folder), and report
 //!
 //! - **class accuracy**: the share of generated images the judge assigns to the class they were
 //!   generated for;
 //! - **Fréchet distance** between the Gaussians of the judge's penultimate-layer features of the generated
 //!   images and of the dataset's test split (the FID formula with the judge in place of Inception;
-//!   [`spherear_core::stats`]).
+//!   [`crate::stats`]).
 //!
 //! A reference row scores real test images (the same count per class as each generated set, so the
 //! sample-size bias of the distance is the same) against the training split: the distance real data gets.
@@ -16,16 +17,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
-use spherear_core::data::{self, to_u8_pixel, Dataset, Split};
+use spherear_core::data::{self, Dataset, Split};
+use spherear_core::grid::to_u8_pixel;
 use spherear_core::judge::JudgeManifest;
-use spherear_core::stats::{frechet_distance, Gaussian};
+use spherear_core::manifest::Manifest;
+use spherear_core::request::SampleRequest;
 
-use crate::error::{ort_err, Result, RuntimeError};
-use crate::generator::{GenerateRequest, Generator};
+use crate::error::{ort_err, QualityError, Result};
 use crate::report::{markdown_table, write_line_chart, LineChart, Series};
+use crate::stats::{frechet_distance, Gaussian};
 
 /// The judge classifier loaded into ONNX Runtime.
 pub struct Judge {
@@ -42,19 +46,19 @@ pub struct Scores {
 }
 
 impl Judge {
-    pub fn load(dir: &Path, threads: Option<usize>, ort_lib: Option<&Path>) -> Result<Self> {
+    /// Loads an `exporter judge` folder into a session of `env` (the process's one ONNX Runtime
+    /// environment, e.g. `runtime::ortlib::environment_with_threads`, whose pool the session shares).
+    pub fn load(dir: &Path, env: &Environment) -> Result<Self> {
         if !dir.exists() {
-            return Err(RuntimeError::Io(format!("judge folder {} does not exist", dir.display())));
+            return Err(QualityError::Io(format!("judge folder {} does not exist", dir.display())));
         }
         let manifest = JudgeManifest::load(dir)?;
         let file = dir.join(&manifest.file);
         if !file.is_file() {
-            return Err(RuntimeError::Model(format!("judge graph {} is missing", file.display())));
+            return Err(QualityError::Model(format!("judge graph {} is missing", file.display())));
         }
-        // `threads` sizes the one thread pool every session of the process shares (the first load fixes it).
-        let (env, _) = crate::ortlib::environment_with_threads(ort_lib, threads)?;
         let ctx = format!("loading {}", file.display());
-        let session = Session::builder(&env).and_then(|mut b| b.commit_from_file(&file)).map_err(ort_err(ctx))?;
+        let session = Session::builder(env).and_then(|mut b| b.commit_from_file(&file)).map_err(ort_err(ctx))?;
         Ok(Judge { manifest, session: Mutex::new(session) })
     }
 
@@ -63,7 +67,7 @@ impl Judge {
         let c = &self.manifest.config;
         let per = c.in_channels * c.image_size * c.image_size;
         if per == 0 || images.len() % per != 0 {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(QualityError::Invalid(format!(
                 "{} values are not whole [{}, {}, {}] images",
                 images.len(),
                 c.in_channels,
@@ -71,7 +75,7 @@ impl Judge {
                 c.image_size
             )));
         }
-        let mut session = self.session.lock().map_err(|_| RuntimeError::Model("judge session lock poisoned".into()))?;
+        let mut session = self.session.lock().map_err(|_| QualityError::Model("judge session lock poisoned".into()))?;
         let mut out = Scores { predictions: Vec::new(), features: Vec::new() };
         for chunk in images.chunks(batch.max(1) * per) {
             let n = chunk.len() / per;
@@ -79,14 +83,14 @@ impl Judge {
                 .map_err(ort_err("judge input"))?;
             let res = session.run(ort::inputs!["image" => input]).map_err(ort_err("judge"))?;
             let get = |name: &str| -> Result<Vec<f32>> {
-                let v = res.get(name).ok_or_else(|| RuntimeError::Model(format!("judge returned no '{name}'")))?;
+                let v = res.get(name).ok_or_else(|| QualityError::Model(format!("judge returned no '{name}'")))?;
                 let (_, d) = v.try_extract_tensor::<f32>().map_err(ort_err(format!("judge output {name}")))?;
                 Ok(d.to_vec())
             };
             let logits = get("logits")?;
             let feats = get("features")?;
             if logits.len() != n * c.num_classes || feats.len() != n * c.feature_dim {
-                return Err(RuntimeError::Model("judge outputs have unexpected sizes".into()));
+                return Err(QualityError::Model("judge outputs have unexpected sizes".into()));
             }
             for row in logits.chunks(c.num_classes) {
                 let best =
@@ -180,17 +184,17 @@ const SCORE_BATCH: usize = 256;
 
 impl<'j> TestSplit<'j> {
     /// Loads the test split of `data` at the model's image size and checks judge, model and data agree.
-    pub fn load(judge: &'j Judge, m: &crate::Manifest, data: &str) -> Result<Self> {
+    pub fn load(judge: &'j Judge, m: &Manifest, data: &str) -> Result<Self> {
         let jc = &judge.manifest.config;
         if jc.image_size != m.image_size || jc.num_classes != m.num_classes || jc.in_channels != 3 {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(QualityError::Invalid(format!(
                 "the judge ({} px, {} classes, {} channels) does not fit the model ({} px, {} classes, 3 channels)",
                 jc.image_size, jc.num_classes, jc.in_channels, m.image_size, m.num_classes
             )));
         }
         let test = data::load(&data::parse_source(data), Split::Test, m.image_size, None)?;
         if test.num_classes != m.num_classes {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(QualityError::Invalid(format!(
                 "the dataset has {} classes, the model {}",
                 test.num_classes, m.num_classes
             )));
@@ -203,7 +207,10 @@ impl<'j> TestSplit<'j> {
 
     /// Images of the smallest class of the test split.
     pub fn smallest_class(&self) -> usize {
-        (0..self.test.num_classes as i64).map(|c| self.test.labels.iter().filter(|&&l| l == c).count()).min().unwrap_or(0)
+        (0..self.test.num_classes as i64)
+            .map(|c| self.test.labels.iter().filter(|&&l| l == c).count())
+            .min()
+            .unwrap_or(0)
     }
 
     /// (accuracy, Fréchet distance to the test split) of decoded images ([n, 3, H, W] in [−1, 1], rounded
@@ -216,19 +223,28 @@ impl<'j> TestSplit<'j> {
     }
 }
 
-/// Runs the evaluation; `progress(done, total)` is called after each token step (in images × tokens).
-pub fn evaluate(g: &Generator, judge: &Judge, o: &EvalOptions, mut progress: impl FnMut(u64)) -> Result<EvalReport> {
-    let m = g.manifest();
+/// Runs the evaluation of the export described by `m`. `generate` turns each setting's request (a class
+/// grid) into decoded images [n, 3, H, W] in [−1, 1], in request order; its errors come back as
+/// [`QualityError::Generate`].
+pub fn evaluate<E>(
+    m: &Manifest,
+    judge: &Judge,
+    o: &EvalOptions,
+    mut generate: impl FnMut(&SampleRequest) -> std::result::Result<Vec<f32>, E>,
+) -> Result<EvalReport>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let jc = &judge.manifest.config;
     if o.per_class < 2 || o.cfgs.is_empty() || o.steps.is_empty() {
-        return Err(RuntimeError::Invalid("--per-class must be ≥ 2 and --cfg/--steps non-empty".into()));
+        return Err(QualityError::Invalid("--per-class must be ≥ 2 and --cfg/--steps non-empty".into()));
     }
     let split = TestSplit::load(judge, m, &o.data)?;
     // Generated rows are compared with a reference row of as many real test images per class, and all of a
     // setting's images are scored at once: --per-class is bounded by the smallest test class.
     let k = split.smallest_class();
     if o.per_class > k {
-        return Err(RuntimeError::Invalid(format!(
+        return Err(QualityError::Invalid(format!(
             "--per-class {} is more than the {k} test images of the smallest class (the reference row needs as many \
              real images per class)",
             o.per_class
@@ -257,10 +273,9 @@ pub fn evaluate(g: &Generator, judge: &Judge, o: &EvalOptions, mut progress: imp
     let classes: Vec<i64> = (0..m.num_classes as i64).collect();
     for &steps in &o.steps {
         for &cfg in &o.cfgs {
-            let req = GenerateRequest::grid(&classes, o.per_class, cfg, steps, o.seed, o.batch)?;
+            let req = SampleRequest::grid(&classes, o.per_class, cfg, steps, o.seed, o.batch)?;
             let t0 = Instant::now();
-            let (tokens, _) = g.generate_tokens(&req, |n| progress(n as u64))?;
-            let mut images = g.decode(&tokens, g.effective_batch(&req))?;
+            let mut images = generate(&req).map_err(|e| QualityError::Generate(e.into()))?;
             let seconds = t0.elapsed().as_secs_f64();
             let (acc, fd) = split.score(&mut images, &req.classes)?;
             rows.push(EvalRow {
@@ -385,8 +400,8 @@ pub fn chart(r: &EvalReport) -> LineChart {
 /// Writes eval.json, eval.md and eval.png into `dir`.
 pub fn write_report(dir: &Path, r: &EvalReport) -> Result<()> {
     use spherear_core::fsutil::write_atomic;
-    std::fs::create_dir_all(dir).map_err(|e| RuntimeError::Io(format!("cannot create {}: {e}", dir.display())))?;
-    let json = serde_json::to_string_pretty(r).map_err(|e| RuntimeError::Io(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| QualityError::Io(format!("cannot create {}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(r).map_err(|e| QualityError::Io(e.to_string()))?;
     write_atomic(&dir.join("eval.json"), json.as_bytes())?;
     write_atomic(&dir.join("eval.md"), markdown(r).as_bytes())?;
     write_line_chart(&dir.join("eval.png"), &chart(r))

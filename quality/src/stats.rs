@@ -8,7 +8,7 @@
 
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 
-use crate::CoreError;
+use crate::error::QualityError;
 
 /// Mean and covariance (unbiased, n − 1) of a set of feature vectors.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,16 +20,16 @@ pub struct Gaussian {
 
 impl Gaussian {
     /// Fits `rows` vectors of length `dim` stored row-major in `data`.
-    pub fn fit(data: &[f32], dim: usize) -> Result<Self, CoreError> {
+    pub fn fit(data: &[f32], dim: usize) -> Result<Self, QualityError> {
         if dim == 0 || data.len() % dim != 0 {
-            return Err(CoreError::Invalid(format!("{} feature values do not form rows of {dim}", data.len())));
+            return Err(QualityError::Invalid(format!("{} feature values do not form rows of {dim}", data.len())));
         }
         let n = data.len() / dim;
         if n < 2 {
-            return Err(CoreError::Invalid(format!("a covariance needs at least 2 samples, got {n}")));
+            return Err(QualityError::Invalid(format!("a covariance needs at least 2 samples, got {n}")));
         }
         if data.iter().any(|v| !v.is_finite()) {
-            return Err(CoreError::Invalid("features contain NaN or infinity".into()));
+            return Err(QualityError::Invalid("features contain NaN or infinity".into()));
         }
         let x = DMatrix::<f64>::from_iterator(dim, n, data.iter().map(|&v| v as f64));
         let mean = x.column_mean();
@@ -55,9 +55,9 @@ pub fn sqrtm_psd(m: &DMatrix<f64>) -> DMatrix<f64> {
 }
 
 /// Squared Fréchet distance between two Gaussians of the same dimension.
-pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64, CoreError> {
+pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64, QualityError> {
     if a.dim() != b.dim() {
-        return Err(CoreError::Invalid(format!("feature dimensions differ: {} vs {}", a.dim(), b.dim())));
+        return Err(QualityError::Invalid(format!("feature dimensions differ: {} vs {}", a.dim(), b.dim())));
     }
     let diff = &a.mean - &b.mean;
     let sa = sqrtm_psd(&a.cov);

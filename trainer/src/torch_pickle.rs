@@ -33,7 +33,7 @@ use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
 
-use crate::CoreError;
+use spherear_core::CoreError;
 
 /// One tensor of a checkpoint, converted to `f32`, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -909,8 +909,8 @@ fn f16_to_f32(h: u16) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
-    use crate::keys::all_keys;
+    use spherear_core::config::ModelConfig;
+    use spherear_core::keys::all_keys;
 
     fn fixture(name: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/official").join(name)
@@ -926,7 +926,7 @@ mod tests {
     }
 
     /// Writes tests/fixtures/official/tiny-keys.txt, the key list make_fixtures.py reads. Run once with
-    /// `cargo test -p spherear-core torch_pickle::tests::write_tiny_keys -- --ignored`.
+    /// `cargo test -p trainer --lib torch_pickle::tests::write_tiny_keys -- --ignored`.
     #[test]
     #[ignore]
     fn write_tiny_keys() {
