@@ -82,7 +82,7 @@ bench-b: build
 # Posterior ablation (paper §4.3, Fig. 4): for every posterior × seed a VAE and an AR model with the same steps,
 # export, `runtime eval` at cfg 1–5 (the demo's judge), then the summary bench/ablation/ablation.{md,json,png}.
 # Each run lives in $(ABL_RUNS)/<posterior>-seed<N>/; finished stages, exports and evaluations are reused, an
-# interrupted stage resumes. About 14 min per run on 2 cores with the defaults.
+# interrupted stage resumes. About 20 min per run on one idle core with the defaults (README).
 ablation: build $(JUDGE_EXPORT)/manifest.json
 	@set -e; for p in $(ABL_POSTERIORS); do for s in $(ABL_SEEDS); do \
 	  run=$(ABL_RUNS)/$$p-seed$$s; exp=$(ABL_EXPORTS)/$$p-seed$$s; \

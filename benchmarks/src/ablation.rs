@@ -263,7 +263,7 @@ impl Ablation {
     pub fn chart(&self) -> LineChart {
         let steps = self.summary.iter().map(|r| r.steps).max().unwrap_or(0);
         let mut series = Vec::new();
-        for v in &self.vae {
+        for (i, v) in self.vae.iter().enumerate() {
             let pts: Vec<&SummaryRow> =
                 self.summary.iter().filter(|r| r.posterior == v.posterior && r.steps == steps).collect();
             let at =
@@ -272,6 +272,7 @@ impl Ablation {
                 label: format!("{} (mean of {} seeds)", v.posterior, v.seeds.len()),
                 points: at(|s| s.mean),
                 dashed: false,
+                color: Some(i),
             });
             let mut envelope = at(|s| s.min);
             envelope.extend(at(|s| s.max).into_iter().rev());
@@ -282,6 +283,7 @@ impl Ablation {
                 label: format!("{} min–max over seeds", v.posterior),
                 points: envelope,
                 dashed: true,
+                color: Some(i),
             });
         }
         LineChart {
@@ -405,6 +407,8 @@ mod tests {
         assert_eq!(c.series[0].points, vec![(1.0, 16.0), (3.0, 6.0 + 10.0 / 3.0)]);
         assert_eq!(c.series[1].points.len(), 5);
         assert_eq!(c.series[1].points.first(), c.series[1].points.last());
+        // A posterior's mean and envelope share a colour; the posteriors differ.
+        assert_eq!((c.series[0].color, c.series[1].color, c.series[2].color), (Some(0), Some(0), Some(1)));
     }
 
     #[test]

@@ -440,7 +440,7 @@ fn write(r: &ServeReport, o: &ServeBenchOptions) -> anyhow::Result<()> {
     spherear_core::fsutil::write_atomic(&o.out.join("serve.json"), json.as_bytes())?;
     spherear_core::fsutil::write_atomic(&o.out.join("serve.md"), markdown(r).as_bytes())?;
     let mut series = Vec::new();
-    for sched in &o.schedulers {
+    for (k, sched) in o.schedulers.iter().enumerate() {
         let pts = |f: fn(&RateRow) -> f64| -> Vec<(f64, f64)> {
             r.rows
                 .iter()
@@ -448,8 +448,8 @@ fn write(r: &ServeReport, o: &ServeBenchOptions) -> anyhow::Result<()> {
                 .map(|x| (x.offered_rps, f(x)))
                 .collect()
         };
-        series.push(Series { label: format!("{} p50", sched.name()), points: pts(|x| x.latency_p50_s), dashed: false });
-        series.push(Series { label: format!("{} p99", sched.name()), points: pts(|x| x.latency_p99_s), dashed: true });
+        series.push(Series { label: format!("{} p50", sched.name()), points: pts(|x| x.latency_p50_s), dashed: false, color: Some(k) });
+        series.push(Series { label: format!("{} p99", sched.name()), points: pts(|x| x.latency_p99_s), dashed: true, color: Some(k) });
     }
     let chart = LineChart {
         title: format!(

@@ -735,11 +735,12 @@ pub fn chart(r: &SpeedReport) -> LineChart {
             label: format!("runtime {} {} steps", p.name(), steps),
             points: pts(&|x| Some(x.runtime.images_per_second)),
             dashed: false,
+            color: None,
         });
         if *p == Precision::Fp32 {
             let rp = pts(&|x| x.reference.as_ref().map(|m| m.images_per_second));
             if !rp.is_empty() {
-                series.push(Series { label: format!("libtorch reference {steps} steps"), points: rp, dashed: true });
+                series.push(Series { label: format!("libtorch reference {steps} steps"), points: rp, dashed: true, color: None });
             }
         }
     }

@@ -373,6 +373,7 @@ pub fn chart(r: &EvalReport) -> LineChart {
                 .filter_map(|x| x.cfg.map(|c| (c as f64, x.frechet_distance)))
                 .collect(),
             dashed: false,
+            color: None,
         })
         .collect();
     let cfgs: Vec<f64> = r.rows.iter().filter_map(|x| x.cfg.map(|c| c as f64)).collect();
@@ -385,6 +386,7 @@ pub fn chart(r: &EvalReport) -> LineChart {
             label: "real test images vs train".into(),
             points: vec![(lo, reference.frechet_distance), (hi, reference.frechet_distance)],
             dashed: true,
+            color: None,
         });
     }
     LineChart {

@@ -27,6 +27,9 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Drawn dashed (e.g. a baseline or a projection).
     pub dashed: bool,
+    /// Palette index, so that related lines share a colour (e.g. a mean and its spread); `None`: the series'
+    /// position in the chart.
+    pub color: Option<usize>,
 }
 
 /// A line chart with optional log axes.
@@ -102,7 +105,7 @@ pub fn write_line_chart(path: &Path, chart: &LineChart) -> Result<()> {
                     .draw()
                     .map_err(plot_err)?;
                 for (i, s) in chart.series.iter().enumerate() {
-                    let c = COLORS[i % COLORS.len()];
+                    let c = COLORS[s.color.unwrap_or(i) % COLORS.len()];
                     let pts: Vec<(f64, f64)> = s.points.clone();
                     let style = c.stroke_width(2);
                     if s.dashed {
@@ -164,8 +167,8 @@ mod tests {
             log_x: true,
             log_y: true,
             series: vec![
-                Series { label: "a".into(), points: vec![(1.0, 1.0), (4.0, 3.0), (32.0, 9.0)], dashed: false },
-                Series { label: "b".into(), points: vec![(1.0, 0.5), (32.0, 4.0)], dashed: true },
+                Series { label: "a".into(), points: vec![(1.0, 1.0), (4.0, 3.0), (32.0, 9.0)], dashed: false, color: None },
+                Series { label: "b".into(), points: vec![(1.0, 0.5), (32.0, 4.0)], dashed: true, color: None },
             ],
         };
         write_line_chart(&p, &chart).unwrap();
