@@ -21,8 +21,6 @@
 //!    seen/replayed per graph, every tensor's range/amplitude/scale per graph, fusion report.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -41,7 +39,7 @@ use spherear_core::manifest::{GraphPrecision, Manifest, PrecisionKind, Stage, Te
 use crate::error::{CalibError, Result};
 use crate::histogram::{amax as amplitude, int8_scale, Method, TensorStats, DEFAULT_BINS, QUANTIZED_BINS};
 use crate::qdq::{self, PlacedWeight, Target};
-use crate::quantize::{data_type, model_err, onnx_msg, to_f32, QUANTIZED_OPS};
+use crate::quantize::{data_type, load_fp32_source, model_err, onnx_msg, to_f32, Source, QUANTIZED_OPS};
 use crate::trt;
 
 // Graphs rewritten to QDQ unless `--graphs` says otherwise: quantize's (the conv-heavy decoder is calibrated
@@ -314,48 +312,14 @@ fn expected_calls(images: usize, batch: usize, tokens: usize, steps: usize) -> [
     [batches, batches * (l - 1), batches * l * (steps as u64 + 1), batches]
 }
 
-/// Reads fp32 ranges of the input's weights file.
-struct Source {
-    file: File,
-    path: PathBuf,
-}
-
-impl Source {
-    fn read(&mut self, at: &ExternalRef) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; at.length as usize];
-        self.file
-            .seek(SeekFrom::Start(at.offset))
-            .and_then(|_| self.file.read_exact(&mut buf))
-            .map_err(|e| CalibError::Io(format!("cannot read {}: {e}", self.path.display())))?;
-        Ok(buf)
-    }
-}
-
 /// Checks the input export and returns its manifest.
 fn check_model(dir: &Path) -> Result<Manifest> {
-    if !dir.is_dir() {
-        let what = if dir.exists() { "is not a folder" } else { "does not exist" };
-        return Err(model_err(dir, format!("{what} (expected an `exporter onnx` folder)")));
-    }
-    let manifest = Manifest::load(dir)?;
-    let compute = manifest.precision.compute;
-    if manifest.is_quantized() {
-        let q: Vec<String> =
-            manifest.graphs.iter().map(|(n, g)| format!("{n} {}", g.precision_or(compute).kind)).collect();
-        return Err(model_err(
-            dir,
-            format!("is already quantized ({}); calibrate the fp32 export it was made from", q.join(", ")),
-        ));
-    }
-    if compute != TensorDType::Float32 {
-        return Err(model_err(
-            dir,
-            "is an fp16 export, which is not supported: calibrate the fp32 export of the same checkpoint \
-             (`exporter onnx` without --fp16) — the int8 weights are rounded from the unrounded fp32 ones, and \
-             the TensorRT table names the fp32 graph's tensors (build the engine from the fp32 export with \
-             --trt-fp16 --trt-int8)",
-        ));
-    }
+    let manifest = load_fp32_source(
+        dir,
+        "calibrate",
+        "the int8 weights are rounded from the unrounded fp32 ones, and the TensorRT table names the fp32 \
+         graph's tensors (build the engine from the fp32 export with --trt-fp16 --trt-int8)",
+    )?;
     if manifest.stage != Stage::Ar {
         return Err(model_err(dir, "is a decoder-only (stage vae) export: calibration needs generation"));
     }
@@ -568,16 +532,13 @@ pub fn calibrate_export(opts: &CalibrateOptions, progress: &mut dyn FnMut(Progre
     let shared: Vec<String> = owners.into_iter().filter(|(_, n)| *n > 1).map(|(t, _)| t).collect();
 
     // Write the export.
-    let wpath = dir.join(&weights_file);
-    let file = File::open(&wpath).map_err(|e| model_err(dir, format!("cannot open {weights_file}: {e}")))?;
-    let len = file.metadata().map_err(|e| model_err(dir, format!("{weights_file}: {e}")))?.len();
-    if len != manifest.weights.bytes {
+    let mut src = Source::open(dir, &weights_file)?;
+    if src.len != manifest.weights.bytes {
         return Err(model_err(
             dir,
-            format!("{weights_file} has {len} bytes but the manifest records {}", manifest.weights.bytes),
+            format!("{weights_file} has {} bytes but the manifest records {}", src.len, manifest.weights.bytes),
         ));
     }
-    let mut src = Source { file, path: wpath };
     let method = opts.method;
     let (manifest_out, report) = write_folder_atomically(&opts.out, |tmp: &Path| -> Result<_> {
         let mut out = ExternalDataWriter::create(tmp, &weights_file)?;

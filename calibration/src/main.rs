@@ -243,6 +243,18 @@ enum Cmd {
     },
 }
 
+/// A progress bar of unknown length drawn with `template` (hidden with --quiet).
+fn progress_bar(template: &str, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    if quiet {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
+    );
+    bar
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Quantize { model, out, weights, block_size, graphs, accuracy_level, gate, keep, force, quiet } => {
@@ -251,15 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Weights::Int4 => WeightBits::Int4,
             };
             let opts = QuantizeOptions { model, out, weights, block_size, graphs, accuracy_level, keep, force };
-            let bar = ProgressBar::new(0);
-            if quiet {
-                bar.set_draw_target(ProgressDrawTarget::hidden());
-            }
-            bar.set_style(
-                ProgressStyle::with_template("quantize [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
+            let bar = progress_bar("quantize [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}", quiet);
             quantize::preflight(&opts).context("quantize failed")?;
             let groups = calibration::gate::weight_groups(&opts.model, opts.graphs.as_deref(), &opts.keep)?;
             let mut last = None;
@@ -325,15 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 ..CalibrateOptions::new(model, out, images, method)
             };
-            let bar = ProgressBar::new(0);
-            if quiet {
-                bar.set_draw_target(ProgressDrawTarget::hidden());
-            }
-            bar.set_style(
-                ProgressStyle::with_template("rollouts [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
+            let bar = progress_bar("rollouts [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta} {msg}", quiet);
             calibrate::preflight(&opts).context("calibrate failed")?;
             // The gate's fallback unit is a whole graph: a failing graph goes back to fp32.
             let groups: Vec<String> = opts

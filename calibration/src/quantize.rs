@@ -183,6 +183,35 @@ pub struct QuantizeReport {
     pub weights_bytes_after: u64,
 }
 
+/// Loads the manifest of the export a command quantizes from (`verb`: "quantize", "calibrate"): an existing
+/// `exporter onnx` folder, not already quantized, fp32 (`fp16_why`: why an fp16 source is refused).
+pub(crate) fn load_fp32_source(dir: &Path, verb: &str, fp16_why: &str) -> Result<Manifest> {
+    if !dir.is_dir() {
+        let what = if dir.exists() { "is not a folder" } else { "does not exist" };
+        return Err(model_err(dir, format!("{what} (expected an `exporter onnx` folder)")));
+    }
+    let manifest = Manifest::load(dir)?;
+    let compute = manifest.precision.compute;
+    if manifest.is_quantized() {
+        let q: Vec<String> =
+            manifest.graphs.iter().map(|(n, g)| format!("{n} {}", g.precision_or(compute).kind)).collect();
+        return Err(model_err(
+            dir,
+            format!("is already quantized ({}); {verb} the fp32 export it was made from", q.join(", ")),
+        ));
+    }
+    if compute != TensorDType::Float32 {
+        return Err(model_err(
+            dir,
+            format!(
+                "is an fp16 export, which is not supported: {verb} the fp32 export of the same checkpoint \
+                 (`exporter onnx` without --fp16) — {fp16_why}"
+            ),
+        ));
+    }
+    Ok(manifest)
+}
+
 pub(crate) fn model_err(dir: &Path, msg: impl Into<String>) -> CalibError {
     CalibError::Model { path: dir.display().to_string(), msg: msg.into() }
 }
@@ -238,15 +267,25 @@ fn candidates(model: &ModelProto, weights_file: &str) -> std::result::Result<Vec
     Ok(out)
 }
 
-/// Reads byte ranges of the input's weights file, checking them against its length.
-struct Source {
+/// Reads byte ranges of the input export's weights file (`quantize` and `calibrate` read their source
+/// weights through it).
+pub(crate) struct Source {
     file: File,
     path: PathBuf,
-    len: u64,
+    /// Length of the file in bytes.
+    pub(crate) len: u64,
 }
 
 impl Source {
-    fn read(&mut self, at: &ExternalRef) -> Result<Vec<u8>> {
+    /// Opens `weights_file` of the export folder `dir`.
+    pub(crate) fn open(dir: &Path, weights_file: &str) -> Result<Source> {
+        let path = dir.join(weights_file);
+        let file = File::open(&path).map_err(|e| model_err(dir, format!("cannot open {weights_file}: {e}")))?;
+        let len = file.metadata().map_err(|e| model_err(dir, format!("{weights_file}: {e}")))?.len();
+        Ok(Source { file, path, len })
+    }
+
+    pub(crate) fn read(&mut self, at: &ExternalRef) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; at.length as usize];
         self.file
             .seek(SeekFrom::Start(at.offset))
@@ -287,28 +326,12 @@ struct Input {
 pub fn preflight(opts: &QuantizeOptions) -> Result<(usize, Manifest, BTreeSet<String>)> {
     let block_size = opts.validate()?;
     let dir = &opts.model;
-    if !dir.is_dir() {
-        let what = if dir.exists() { "is not a folder" } else { "does not exist" };
-        return Err(model_err(dir, format!("{what} (expected an `exporter onnx` folder)")));
-    }
-    let manifest = Manifest::load(dir)?;
-    let compute = manifest.precision.compute;
-    if manifest.is_quantized() {
-        let q: Vec<String> =
-            manifest.graphs.iter().map(|(n, g)| format!("{n} {}", g.precision_or(compute).kind)).collect();
-        return Err(model_err(
-            dir,
-            format!("is already quantized ({}); quantize the fp32 export it was made from", q.join(", ")),
-        ));
-    }
-    if compute != TensorDType::Float32 {
-        return Err(model_err(
-            dir,
-            "is an fp16 export, which is not supported: quantize the fp32 export of the same checkpoint \
-             (`exporter onnx` without --fp16) — its weights are unrounded, and at accuracy level 4 MatMulNBits \
-             computes in int8 whatever the activation dtype, so an fp16 source would only add a second rounding",
-        ));
-    }
+    let manifest = load_fp32_source(
+        dir,
+        "quantize",
+        "its weights are unrounded, and at accuracy level 4 MatMulNBits computes in int8 whatever the activation \
+         dtype, so an fp16 source would only add a second rounding",
+    )?;
     let selected = select_graphs(opts, &manifest)?;
     let keys = quantizable_keys(&manifest.config, &selected);
     check_keep(&opts.keep, &keys.iter().map(String::as_str).collect(), &selected)?;
@@ -395,10 +418,7 @@ pub fn quantize_export(opts: &QuantizeOptions, progress: &mut dyn FnMut(u64, u64
     }
 
     // The input's weights file must hold every external range the graphs point at.
-    let wpath = dir.join(&weights_file);
-    let file = File::open(&wpath).map_err(|e| model_err(dir, format!("cannot open {weights_file}: {e}")))?;
-    let len = file.metadata().map_err(|e| model_err(dir, format!("{weights_file}: {e}")))?.len();
-    let mut src = Source { file, path: wpath, len };
+    let mut src = Source::open(dir, &weights_file)?;
     let mut ranges: HashSet<(u64, u64)> = HashSet::new();
     for i in &inputs {
         for t in &i.model.graph.initializer {

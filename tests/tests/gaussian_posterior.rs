@@ -93,15 +93,7 @@ fn gaussian_tokens_are_not_projected_and_the_runtime_follows_the_manifest() {
 
         // The libtorch reference sampler on the same checkpoint, noise and request: same tokens, same images.
         let m = ArModel::load(&run).unwrap();
-        let sreq = SampleRequest {
-            classes: req.classes.clone(),
-            cfg: req.cfg,
-            steps: req.steps,
-            seed: req.seed,
-            first_image: req.first_image,
-            batch: 3,
-            token_limit: None,
-        };
+        let sreq = SampleRequest { batch: 3, ..req.clone() };
         let want = sample_tokens(&m, &sreq, |_| {}).unwrap();
         let want_v = Vec::<f32>::try_from(want.flatten(0, -1)).unwrap();
         let scale = want_v.iter().fold(1f32, |a, v| a.max(v.abs()));

@@ -60,15 +60,7 @@ struct Run {
 }
 
 fn trainer_run(m: &ArModel, req: &GenerateRequest, dir: &Path, tag: &str) -> Run {
-    let sreq = SampleRequest {
-        classes: req.classes.clone(),
-        cfg: req.cfg,
-        steps: req.steps,
-        seed: req.seed,
-        first_image: req.first_image,
-        batch: 4,
-        token_limit: None,
-    };
+    let sreq = SampleRequest { batch: 4, ..req.clone() };
     let tokens = sample_tokens(m, &sreq, |_| {}).unwrap();
     let images = tensor_vec(&decode(m, &tokens));
     let grid = dir.join(format!("tch-{tag}.png"));
