@@ -49,14 +49,6 @@ fn ablation_cmd(a: &AblationArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum SchedulerArg {
-    /// Token-level continuous batching (images join at every token step).
-    Continuous,
-    /// Static batching (a batch starts only when the previous one finished).
-    Static,
-}
-
 #[derive(Args)]
 struct ServeArgs {
     /// Export folder from `exporter onnx`.
@@ -86,7 +78,7 @@ struct ServeArgs {
     n: usize,
     /// Comma-separated schedulers to compare.
     #[arg(long, value_delimiter = ',', value_enum, default_value = "continuous,static")]
-    scheduler: Vec<SchedulerArg>,
+    scheduler: Vec<runtime::serve::Scheduler>,
     /// Server deadline per request in seconds.
     #[arg(long, default_value_t = 300.0)]
     timeout_s: f64,
@@ -108,7 +100,6 @@ struct ServeArgs {
 }
 
 fn serve_cmd(a: &ServeArgs) -> anyhow::Result<()> {
-    use runtime::serve::Scheduler;
     anyhow::ensure!(a.timeout_s.is_finite() && a.timeout_s > 0.0, "--timeout-s must be > 0");
     let o = benchmarks::serve::ServeBenchOptions {
         model: a.model.clone(),
@@ -119,14 +110,7 @@ fn serve_cmd(a: &ServeArgs) -> anyhow::Result<()> {
         steps: a.steps,
         cfg: a.cfg,
         n: a.n,
-        schedulers: a
-            .scheduler
-            .iter()
-            .map(|s| match s {
-                SchedulerArg::Continuous => Scheduler::Continuous,
-                SchedulerArg::Static => Scheduler::Static,
-            })
-            .collect(),
+        schedulers: a.scheduler.clone(),
         timeout_s: a.timeout_s,
         threads: a.threads,
         ort_lib: a.ort_lib.clone(),

@@ -332,7 +332,6 @@ pub use spherear_core::manifest::Attention;
 pub fn ar_step(b: B, cfg: &ModelConfig, attention: Attention) -> Result<()> {
     let (cls, t_len, d) = (cfg.cls_token_num, cfg.ar_seq_len(), cfg.latent_dim);
     let a = Attn::new(cfg.ar.dim, cfg.ar.n_head);
-    let (h, hd, dim) = (a.heads as i64, a.hd as i64, a.dim as i64);
     let tok = b.input(
         "token",
         DType::Float32,
@@ -358,126 +357,22 @@ pub fn ar_step(b: B, cfg: &ModelConfig, attention: Attention) -> Result<()> {
     let x = linear(b, &x, "proj_in", true)?;
     let mut x = rms_norm(b, &x, "emb_norm")?;
     let table = ar_rope(cfg)?;
-
-    match attention {
-        Attention::Gqa => {
-            // RoPE caches [T, hd/2]: angle j of position p rotates the interleaved pair (2j, 2j+1).
-            let cos: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[0]).collect();
-            let sin: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[1]).collect();
-            let cos = b.c_act(&[t_len, a.hd / 2], &cos);
-            let sin = b.c_act(&[t_len, a.hd / 2], &sin);
-            // seqlens_k = tokens already in each row's cache = its position; total = longest row + 1.
-            let seqlens = b.cast(&pos, DType::Int32)?;
-            let zero = b.c_i64(&[1], &[0]);
-            let longest = b.op("ReduceMax", &[&pos, &zero], vec![ai("keepdims", 0)])?;
-            let one = b.c_i64(&[], &[1]);
-            let total = b.add(&longest, &one)?;
-            let total = b.cast(&total, DType::Int32)?;
-            for (i, [pk, pv]) in past.iter().enumerate() {
-                let mut b = b.pp(format!("layers.{i}"));
-                let n = rms_norm(&mut b, &x, "attention_norm")?;
-                let o = {
-                    let mut b = b.pp("attention");
-                    let qkv = linear(&mut b, &n, "wqkv", false)?;
-                    let parts = b.split(&qkv, &[a.dim; 3])?;
-                    let qkv = parts.iter().map(|t| b.reshape(t, &[0, 1, dim])).collect::<Result<Vec<_>>>()?;
-                    // A contrib op: its operands are checked and its outputs stated here.
-                    let ins = [&qkv[0], &qkv[1], &qkv[2], pk, pv, &seqlens, &total, &cos, &sin];
-                    for (v, want) in ins.iter().zip([act, act, act, act, act, DType::Int32, DType::Int32, act, act]) {
-                        v.expect(want, "GroupQueryAttention")?;
-                    }
-                    let [_, _, nk, nv] = kv_names(i);
-                    let out = b.fresh_value("gqa", act, Some(3));
-                    let (nk, nv) = (Value::new(nk, act, Some(4)), Value::new(nv, act, Some(4)));
-                    b.op_ms(
-                        "GroupQueryAttention",
-                        &ins,
-                        vec![
-                            ai("num_heads", h),
-                            ai("kv_num_heads", h),
-                            ai("do_rotary", 1),
-                            ai("rotary_interleaved", 1),
-                            af("scale", a.scale()),
-                        ],
-                        &[&out, &nk, &nv],
-                    );
-                    kv_outputs(&mut b, cfg, i, &nk, &nv)?;
-                    let o = b.reshape(&out, &[0, dim])?;
-                    linear(&mut b, &o, "wo", false)?
-                };
-                let hres = b.add(&x, &o)?;
-                x = ffn(&mut b, &hres, a.hidden)?;
-            }
-        }
-        Attention::Standard => {
-            // Per-step constants shared by all layers: each row's RoPE row, mask column, scatter indices.
-            let (cv, sv) = rope_expanded(&table);
-            let cos_t = b.c_act(&[t_len, a.hd], &cv);
-            let sin_t = b.c_act(&[t_len, a.hd], &sv);
-            let cos = b.op("Gather", &[&cos_t, &pos], vec![ai("axis", 0)])?;
-            let sin = b.op("Gather", &[&sin_t, &pos], vec![ai("axis", 0)])?;
-            let cos = b.reshape(&cos, &[-1, 1, hd])?;
-            let sin = b.reshape(&sin, &[-1, 1, hd])?;
-            let ar: Vec<i64> = (0..t_len as i64).collect();
-            let ar = b.c_i64(&[t_len], &ar);
-            let pos_col = b.reshape(&pos, &[-1, 1])?;
-            let later = b.op("Greater", &[&ar, &pos_col], vec![])?;
-            let neg = b.c_f32(&[], &[MASKED]);
-            let zero = b.c_f32(&[], &[0.0]);
-            let mask = b.op("Where", &[&later, &neg, &zero], vec![])?;
-            let mask = b.reshape(&mask, &[-1, 1, t_len as i64, 1])?;
-            // ScatterND indices [B, H, 1, 3] = (row, head, position[row]): each update is one contiguous
-            // head_dim vector. ONNX Runtime's ScatterND skips its input-to-output copy when both are the same
-            // buffer, so with in-place binding a step writes only the new positions (ScatterElements copies
-            // the whole cache every call: measured 12.6 ms of a 72 ms SphereAR-B step at batch 1).
-            let bsz = b.op("Shape", &[&x], vec![ai("start", 0), ai("end", 1)])?;
-            let rest = b.c_i64(&[3], &[h, 1, 1]);
-            let idx_shape = b.op("Concat", &[&bsz, &rest], vec![ai("axis", 0)])?;
-            let zero_i = b.c_i64(&[], &[0]);
-            let one_i = b.c_i64(&[], &[1]);
-            let bsz_s = b.reshape(&bsz, &[])?;
-            let rows = b.op("Range", &[&zero_i, &bsz_s, &one_i], vec![])?;
-            let rows = b.reshape(&rows, &[-1, 1, 1, 1])?;
-            let heads: Vec<i64> = (0..h).collect();
-            let heads = b.c_i64(&[1, h as usize, 1, 1], &heads);
-            let p4 = b.reshape(&pos, &[-1, 1, 1, 1])?;
-            let parts = [rows, heads, p4]
-                .iter()
-                .map(|t| b.op("Expand", &[t, &idx_shape], vec![]))
-                .collect::<Result<Vec<_>>>()?;
-            let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![ai("axis", 3)])?;
-            let sc = scalar(b, a.scale());
-            for (i, [pk, pv]) in past.iter().enumerate() {
-                let mut b = b.pp(format!("layers.{i}"));
-                let n = rms_norm(&mut b, &x, "attention_norm")?;
-                let o = {
-                    let mut b = b.pp("attention");
-                    let qkv = linear(&mut b, &n, "wqkv", false)?;
-                    let parts = b.split(&qkv, &[a.dim; 3])?;
-                    let q = b.reshape(&parts[0], &[0, h, hd])?;
-                    let q = rope(&mut b, &q, &cos, &sin, a.hd)?;
-                    let q = b.mul(&q, &sc)?;
-                    let q = b.reshape(&q, &[0, h, hd, 1])?;
-                    let k = b.reshape(&parts[1], &[0, h, hd])?;
-                    let k = rope(&mut b, &k, &cos, &sin, a.hd)?;
-                    let k = b.reshape(&k, &[0, h, 1, hd])?;
-                    let v = b.reshape(&parts[2], &[0, h, 1, hd])?;
-                    let [_, _, nk, nv] = kv_names(i);
-                    let kc = b.op_to("ScatterND", &[pk, &idx, &k], vec![], &nk)?;
-                    let vc = b.op_to("ScatterND", &[pv, &idx, &v], vec![], &nv)?;
-                    kv_outputs(&mut b, cfg, i, &kc, &vc)?;
-                    // Scores as a column [B, H, T, 1] = K · q: the cache is read in place, never transposed.
-                    let s = b.matmul(&kc, &q)?;
-                    let pr = softmax(&mut b, &s, Some(&mask), 2)?;
-                    let pr = b.reshape(&pr, &[0, h, 1, t_len as i64])?;
-                    let o = b.matmul(&pr, &vc)?;
-                    let o = b.reshape(&o, &[0, dim])?;
-                    linear(&mut b, &o, "wo", false)?
-                };
-                let hres = b.add(&x, &o)?;
-                x = ffn(&mut b, &hres, a.hidden)?;
-            }
-        }
+    let core = match attention {
+        Attention::Gqa => StepAttention::gqa(b, &table, &pos, t_len, a.hd)?,
+        Attention::Standard => StepAttention::standard(b, &table, &pos, &x, t_len, &a)?,
+    };
+    for (i, [pk, pv]) in past.iter().enumerate() {
+        let mut b = b.pp(format!("layers.{i}"));
+        let n = rms_norm(&mut b, &x, "attention_norm")?;
+        let o = {
+            let mut b = b.pp("attention");
+            let qkv = linear(&mut b, &n, "wqkv", false)?;
+            let parts = b.split(&qkv, &[a.dim; 3])?;
+            let o = core.attend(&mut b, cfg, i, &a, &parts, pk, pv)?;
+            linear(&mut b, &o, "wo", false)?
+        };
+        let hres = b.add(&x, &o)?;
+        x = ffn(&mut b, &hres, a.hidden)?;
     }
     let off = b.c_i64(&[1], &[cls as i64 - 1]);
     let row = b.sub(&pos, &off)?;
@@ -488,6 +383,136 @@ pub fn ar_step(b: B, cfg: &ModelConfig, attention: Attention) -> Result<()> {
         a.dim,
         "head condition for each row's image token i = position - cls_token_num + 1: norm(h) + pos_for_diff[i]",
     )
+}
+
+/// The attention of one `ar_step` row over its cache, per [`Attention`] variant: the per-step constants
+/// (built once, before the layers) and, per layer, q/k/v [B, dim] each → attention output [B, dim] (before
+/// `wo`), writing `present.{i}.key/value`.
+enum StepAttention {
+    /// `com.microsoft.GroupQueryAttention`: RoPE caches [T, hd/2], cache lengths and the total length.
+    Gqa { cos: Value, sin: Value, seqlens: Value, total: Value },
+    /// Standard ops: each row's RoPE row [B, 1, hd], the mask [B, 1, T, 1], ScatterND indices, the scale.
+    Standard { cos: Value, sin: Value, mask: Value, idx: Value, scale: Value },
+}
+
+impl StepAttention {
+    fn gqa(b: B, table: &RopeTable, pos: &Value, t_len: usize, hd: usize) -> Result<Self> {
+        // RoPE caches [T, hd/2]: angle j of position p rotates the interleaved pair (2j, 2j+1).
+        let cos: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[0]).collect();
+        let sin: Vec<f32> = table.data.chunks_exact(2).map(|cs| cs[1]).collect();
+        let cos = b.c_act(&[t_len, hd / 2], &cos);
+        let sin = b.c_act(&[t_len, hd / 2], &sin);
+        // seqlens_k = tokens already in each row's cache = its position; total = longest row + 1.
+        let seqlens = b.cast(pos, DType::Int32)?;
+        let zero = b.c_i64(&[1], &[0]);
+        let longest = b.op("ReduceMax", &[pos, &zero], vec![ai("keepdims", 0)])?;
+        let one = b.c_i64(&[], &[1]);
+        let total = b.add(&longest, &one)?;
+        let total = b.cast(&total, DType::Int32)?;
+        Ok(StepAttention::Gqa { cos, sin, seqlens, total })
+    }
+
+    /// `x` is the step's hidden state [B, dim] (for the batch size).
+    fn standard(b: B, table: &RopeTable, pos: &Value, x: &Value, t_len: usize, a: &Attn) -> Result<Self> {
+        let (h, hd) = (a.heads as i64, a.hd as i64);
+        let (cv, sv) = rope_expanded(table);
+        let cos_t = b.c_act(&[t_len, a.hd], &cv);
+        let sin_t = b.c_act(&[t_len, a.hd], &sv);
+        let cos = b.op("Gather", &[&cos_t, pos], vec![ai("axis", 0)])?;
+        let sin = b.op("Gather", &[&sin_t, pos], vec![ai("axis", 0)])?;
+        let cos = b.reshape(&cos, &[-1, 1, hd])?;
+        let sin = b.reshape(&sin, &[-1, 1, hd])?;
+        let ar: Vec<i64> = (0..t_len as i64).collect();
+        let ar = b.c_i64(&[t_len], &ar);
+        let pos_col = b.reshape(pos, &[-1, 1])?;
+        let later = b.op("Greater", &[&ar, &pos_col], vec![])?;
+        let neg = b.c_f32(&[], &[MASKED]);
+        let zero = b.c_f32(&[], &[0.0]);
+        let mask = b.op("Where", &[&later, &neg, &zero], vec![])?;
+        let mask = b.reshape(&mask, &[-1, 1, t_len as i64, 1])?;
+        // ScatterND indices [B, H, 1, 3] = (row, head, position[row]): each update is one contiguous
+        // head_dim vector. ONNX Runtime's ScatterND skips its input-to-output copy when both are the same
+        // buffer, so with in-place binding a step writes only the new positions (ScatterElements copies
+        // the whole cache every call: measured 12.6 ms of a 72 ms SphereAR-B step at batch 1).
+        let bsz = b.op("Shape", &[x], vec![ai("start", 0), ai("end", 1)])?;
+        let rest = b.c_i64(&[3], &[h, 1, 1]);
+        let idx_shape = b.op("Concat", &[&bsz, &rest], vec![ai("axis", 0)])?;
+        let zero_i = b.c_i64(&[], &[0]);
+        let one_i = b.c_i64(&[], &[1]);
+        let bsz_s = b.reshape(&bsz, &[])?;
+        let rows = b.op("Range", &[&zero_i, &bsz_s, &one_i], vec![])?;
+        let rows = b.reshape(&rows, &[-1, 1, 1, 1])?;
+        let heads: Vec<i64> = (0..h).collect();
+        let heads = b.c_i64(&[1, h as usize, 1, 1], &heads);
+        let p4 = b.reshape(pos, &[-1, 1, 1, 1])?;
+        let parts =
+            [rows, heads, p4].iter().map(|t| b.op("Expand", &[t, &idx_shape], vec![])).collect::<Result<Vec<_>>>()?;
+        let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![ai("axis", 3)])?;
+        let scale = scalar(b, a.scale());
+        Ok(StepAttention::Standard { cos, sin, mask, idx, scale })
+    }
+
+    /// Layer `i`'s attention (the current scope is `layers.{i}.attention`): `qkv` = [q, k, v], each [B, dim].
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        b: B,
+        cfg: &ModelConfig,
+        i: usize,
+        a: &Attn,
+        qkv: &[Value],
+        pk: &Value,
+        pv: &Value,
+    ) -> Result<Value> {
+        let (h, hd, dim) = (a.heads as i64, a.hd as i64, a.dim as i64);
+        let [_, _, nk, nv] = kv_names(i);
+        let act = b.act();
+        match self {
+            StepAttention::Gqa { cos, sin, seqlens, total } => {
+                let qkv = qkv.iter().map(|t| b.reshape(t, &[0, 1, dim])).collect::<Result<Vec<_>>>()?;
+                // A contrib op: its operands are checked and its outputs stated here.
+                let ins = [&qkv[0], &qkv[1], &qkv[2], pk, pv, seqlens, total, cos, sin];
+                for (v, want) in ins.iter().zip([act, act, act, act, act, DType::Int32, DType::Int32, act, act]) {
+                    v.expect(want, "GroupQueryAttention")?;
+                }
+                let out = b.fresh_value("gqa", act, Some(3));
+                let (nk, nv) = (Value::new(nk, act, Some(4)), Value::new(nv, act, Some(4)));
+                b.op_ms(
+                    "GroupQueryAttention",
+                    &ins,
+                    vec![
+                        ai("num_heads", h),
+                        ai("kv_num_heads", h),
+                        ai("do_rotary", 1),
+                        ai("rotary_interleaved", 1),
+                        af("scale", a.scale()),
+                    ],
+                    &[&out, &nk, &nv],
+                );
+                kv_outputs(b, cfg, i, &nk, &nv)?;
+                b.reshape(&out, &[0, dim])
+            }
+            StepAttention::Standard { cos, sin, mask, idx, scale } => {
+                let q = b.reshape(&qkv[0], &[0, h, hd])?;
+                let q = rope(b, &q, cos, sin, a.hd)?;
+                let q = b.mul(&q, scale)?;
+                let q = b.reshape(&q, &[0, h, hd, 1])?;
+                let k = b.reshape(&qkv[1], &[0, h, hd])?;
+                let k = rope(b, &k, cos, sin, a.hd)?;
+                let k = b.reshape(&k, &[0, h, 1, hd])?;
+                let v = b.reshape(&qkv[2], &[0, h, 1, hd])?;
+                let kc = b.op_to("ScatterND", &[pk, idx, &k], vec![], &nk)?;
+                let vc = b.op_to("ScatterND", &[pv, idx, &v], vec![], &nv)?;
+                kv_outputs(b, cfg, i, &kc, &vc)?;
+                // Scores as a column [B, H, T, 1] = K · q: the cache is read in place, never transposed.
+                let s = b.matmul(&kc, &q)?;
+                let pr = softmax(b, &s, Some(mask), 2)?;
+                let pr = b.reshape(&pr, &[0, h, 1, cfg.ar_seq_len() as i64])?;
+                let o = b.matmul(&pr, &vc)?;
+                b.reshape(&o, &[0, dim])
+            }
+        }
+    }
 }
 
 /// Declares `present.{i}.key/value` (`k`, `v`, already produced under those names) as outputs.

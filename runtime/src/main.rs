@@ -47,14 +47,6 @@ enum Cmd {
     Serve(Box<ServeArgs>),
 }
 
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum SchedulerArg {
-    /// Waiting images join the running batch at every token step as soon as KV rows are free.
-    Continuous,
-    /// A batch (up to --max-batch rows) starts only when the previous one has finished (for comparison).
-    Static,
-}
-
 #[derive(Args)]
 struct ServeArgs {
     /// Export folder written by `exporter onnx` (manifest.json, *.onnx, weights.bin).
@@ -85,8 +77,8 @@ struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     max_n: usize,
     /// When waiting images may enter the pool.
-    #[arg(long, value_enum, default_value_t = SchedulerArg::Continuous)]
-    scheduler: SchedulerArg,
+    #[arg(long, value_enum, default_value_t = runtime::serve::Scheduler::Continuous)]
+    scheduler: runtime::serve::Scheduler,
     /// The execution provider (the KV pool stays in host memory).
     #[command(flatten)]
     device: DeviceArgs,
@@ -381,7 +373,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
 }
 
 fn serve(a: &ServeArgs) -> Result<()> {
-    use runtime::serve::{Scheduler, ServeConfig, Server};
+    use runtime::serve::{ServeConfig, Server};
     if !(a.timeout_s.is_finite() && a.timeout_s > 0.0 && a.timeout_s <= 1e6) {
         anyhow::bail!("--timeout-s must be a number of seconds in (0, 1e6], got {}", a.timeout_s);
     }
@@ -393,10 +385,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
         timeout: std::time::Duration::from_secs_f64(a.timeout_s),
         max_steps: a.max_steps,
         max_n: a.max_n,
-        scheduler: match a.scheduler {
-            SchedulerArg::Continuous => Scheduler::Continuous,
-            SchedulerArg::Static => Scheduler::Static,
-        },
+        scheduler: a.scheduler,
     };
     config.validate()?;
     let provider = a.device.options(TensorRtOptions::default());

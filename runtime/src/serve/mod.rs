@@ -36,6 +36,7 @@ use metrics::Metrics;
 
 /// When waiting images may enter the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Scheduler {
     /// At every token step, as soon as rows are free (continuous / in-flight batching).
     #[default]
