@@ -282,6 +282,14 @@ fn wait_idle(server: &Server) {
 /// 0.75, 1.0 and 1.25 times it.
 pub fn run(o: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<ServeReport> {
     anyhow::ensure!(o.requests > 0 && o.duration_s > 0.0, "--requests and --duration-s must be > 0");
+    // Arrival times and deadlines become `Duration`s, which cannot hold infinite or absurd seconds.
+    anyhow::ensure!(o.duration_s <= 1e6, "--duration-s must be at most 1e6 seconds, got {}", o.duration_s);
+    anyhow::ensure!(
+        o.timeout_s.is_finite() && o.timeout_s > 0.0 && o.timeout_s <= 1e6,
+        "--timeout-s must be a number of seconds in (0, 1e6], got {}",
+        o.timeout_s
+    );
+    anyhow::ensure!(o.n > 0, "--n must be >= 1");
     anyhow::ensure!(o.rates.iter().all(|r| r.is_finite() && *r > 0.0), "--rates must be positive numbers");
     anyhow::ensure!(!o.schedulers.is_empty(), "give at least one --scheduler");
     spherear_core::fsutil::check_dir_output(&o.out)?;
@@ -488,5 +496,35 @@ mod tests {
         assert_eq!(percentile(&mut v, 99.0), 99.0);
         assert_eq!(percentile(&mut [3.0], 95.0), 3.0);
         assert!(percentile(&mut [], 50.0).is_nan());
+    }
+
+    #[test]
+    fn bad_options_are_errors_before_any_work() {
+        let ok = ServeBenchOptions {
+            model: PathBuf::from("/nonexistent/export"),
+            rates: vec![],
+            requests: 4,
+            duration_s: 2.0,
+            max_batch: 4,
+            steps: 2,
+            cfg: 3.0,
+            n: 1,
+            schedulers: vec![Scheduler::Continuous],
+            timeout_s: 10.0,
+            threads: None,
+            ort_lib: None,
+            seed: 0,
+            out: PathBuf::from("/nonexistent/out"),
+        };
+        // n = 0 divided the measured burst by zero; these seconds do not fit a Duration.
+        for (o, want) in [
+            (ServeBenchOptions { n: 0, ..ok.clone() }, "--n must be >= 1"),
+            (ServeBenchOptions { timeout_s: 1e20, ..ok.clone() }, "--timeout-s must be"),
+            (ServeBenchOptions { timeout_s: f64::INFINITY, ..ok.clone() }, "--timeout-s must be"),
+            (ServeBenchOptions { duration_s: f64::INFINITY, ..ok.clone() }, "--duration-s must be at most"),
+        ] {
+            let e = run(&o, |_| {}).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -350,6 +350,10 @@ pub fn run(o: &SpeedOptions) -> Res<SpeedReport> {
     if !(o.cfg.is_finite() && o.cfg >= 1.0) {
         anyhow::bail!("--cfg must be ≥ 1");
     }
+    // The microbenchmarks loop until this many seconds have passed: an infinite value never ends.
+    if !(o.micro_seconds.is_finite() && o.micro_seconds >= 0.0) {
+        anyhow::bail!("--micro-seconds must be a finite number ≥ 0, got {}", o.micro_seconds);
+    }
     if o.models.is_empty() && o.checkpoint.is_none() {
         anyhow::bail!("give --model (an export folder) and/or --checkpoint (a trainer run folder)");
     }
@@ -760,4 +764,31 @@ fn write_outputs(dir: &Path, r: &SpeedReport) -> Res<()> {
     write_atomic(&dir.join("speed.md"), markdown(r).as_bytes())?;
     write_line_chart(&dir.join("speed.png"), &chart(r))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infinite_micro_seconds_is_an_error() {
+        let o = SpeedOptions {
+            models: vec![PathBuf::from("/nonexistent/export")],
+            checkpoint: None,
+            batch_sizes: vec![1],
+            steps: vec![1],
+            precisions: vec![Precision::Fp32],
+            cfg: 1.0,
+            tokens: 8,
+            out: PathBuf::from("/nonexistent/out"),
+            trainer: None,
+            no_baseline: true,
+            threads: None,
+            micro_seconds: f64::INFINITY,
+            ort_lib: None,
+            progress: false,
+        };
+        let e = run(&o).unwrap_err().to_string();
+        assert!(e.contains("--micro-seconds must be a finite number"), "{e}");
+    }
 }

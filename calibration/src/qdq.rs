@@ -88,8 +88,9 @@ pub fn targets(model: &ModelProto, weights_file: &str) -> std::result::Result<Ve
         if at.location != weights_file || t.data_type != DataType::FLOAT as i32 || t.dims.len() != rank {
             continue;
         }
-        let elems: i64 = t.dims.iter().product();
-        if elems <= 0 || at.length != elems as u64 * 4 {
+        // Every dim positive and the byte count without overflow (the dims come from the file).
+        let bytes = t.dims.iter().try_fold(4u64, |acc, &d| u64::try_from(d).ok().filter(|&d| d > 0)?.checked_mul(acc));
+        if bytes != Some(at.length) {
             return Err(format!("initializer {}: {} bytes for fp32 dims {:?}", t.name, at.length, t.dims));
         }
         if inits.contains_key(n.input[0].as_str()) {
@@ -366,4 +367,36 @@ pub fn quantize_graph(
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
     g.initializer.retain(|t| used.contains(&t.name) || outputs.contains(&t.name));
     Ok(report)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A one-MatMul graph whose weight `w` has `dims` and `length` bytes in `weights.bin`.
+    pub(crate) fn matmul_model(dims: Vec<i64>, length: u64) -> ModelProto {
+        let at = ExternalRef { location: "weights.bin".into(), offset: 0, length };
+        let mut m = ModelProto::default();
+        let g = m.graph.mut_or_insert_default();
+        g.initializer.push(external_tensor("w", dims, DataType::FLOAT, &at));
+        g.node.push(NodeProto {
+            op_type: "MatMul".into(),
+            input: vec!["x".into(), "w".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn weight_dims_from_the_file_are_checked() {
+        let t = targets(&matmul_model(vec![2, 3], 24), "weights.bin").unwrap();
+        assert_eq!((t.len(), t[0].dims.as_slice(), t[0].axis()), (1, [2i64, 3].as_slice(), 1));
+        // Negative dims whose product is positive, a zero dim, and dims whose byte count overflows: errors,
+        // never a weight of absurd size handed to the quantizer.
+        for (dims, length) in [(vec![-2, -3], 24), (vec![0, 3], 0), (vec![1 << 62, 4], 0)] {
+            let e = targets(&matmul_model(dims.clone(), length), "weights.bin").unwrap_err();
+            assert!(e.contains("bytes for fp32 dims"), "{dims:?}: {e}");
+        }
+    }
 }

@@ -258,9 +258,9 @@ fn candidates(model: &ModelProto, weights_file: &str) -> std::result::Result<Vec
         if at.location != weights_file || t.data_type != DataType::FLOAT as i32 || t.dims.len() != 2 {
             continue;
         }
-        let (k, n) = (t.dims[0] as usize, t.dims[1] as usize);
-        if k == 0 || n == 0 || at.length != (k * n * 4) as u64 {
-            return Err(format!("initializer {}: {} bytes for a [{k}, {n}] fp32 weight", t.name, at.length));
+        let (k, n) = (usize::try_from(t.dims[0]).unwrap_or(0), usize::try_from(t.dims[1]).unwrap_or(0));
+        if k == 0 || n == 0 || k.checked_mul(n).and_then(|e| e.checked_mul(4)).is_none_or(|b| at.length != b as u64) {
+            return Err(format!("initializer {}: {} bytes for a {:?} fp32 weight", t.name, at.length, t.dims));
         }
         out.push(Candidate { node: i, init: t.name.clone(), at, k, n });
     }
@@ -698,4 +698,21 @@ pub fn summary(r: &QuantizeReport) -> Vec<String> {
         r.block_size
     ));
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qdq::tests::matmul_model;
+
+    #[test]
+    fn weight_dims_from_the_file_are_checked() {
+        let c = candidates(&matmul_model(vec![2, 3], 24), "weights.bin").unwrap();
+        assert_eq!((c.len(), c[0].k, c[0].n), (1, 2, 3));
+        // [2^62 + 1, 1]: k · n · 4 wraps to 4 in usize arithmetic; a negative dim; a size that does not match.
+        for (dims, length) in [(vec![(1 << 62) + 1, 1], 4), (vec![-1, 3], 12), (vec![2, 3], 20)] {
+            let e = candidates(&matmul_model(dims.clone(), length), "weights.bin").unwrap_err();
+            assert!(e.contains("fp32 weight"), "{dims:?}: {e}");
+        }
+    }
 }

@@ -221,7 +221,8 @@ fn bad_fb(m: impl Into<String>) -> CalibError {
 }
 
 fn u32_at(buf: &[u8], pos: usize) -> Result<u32> {
-    buf.get(pos..pos + 4)
+    pos.checked_add(4)
+        .and_then(|end| buf.get(pos..end))
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .ok_or_else(|| bad_fb(format!("offset {pos} is past the end ({} bytes)", buf.len())))
 }
@@ -229,9 +230,12 @@ fn u32_at(buf: &[u8], pos: usize) -> Result<u32> {
 /// Position of field `slot` of the table at `table`, if present.
 fn field(buf: &[u8], table: usize, slot: usize) -> Result<Option<usize>> {
     let soff = u32_at(buf, table)? as i32;
-    let vt = (table as i64 - i64::from(soff)) as usize;
+    let vt = usize::try_from(table as i64 - i64::from(soff)).map_err(|_| bad_fb("vtable before the start"))?;
     let u16_at = |p: usize| -> Result<u16> {
-        buf.get(p..p + 2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or_else(|| bad_fb("vtable past the end"))
+        p.checked_add(2)
+            .and_then(|end| buf.get(p..end))
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .ok_or_else(|| bad_fb("vtable past the end"))
     };
     let vsize = u16_at(vt)? as usize;
     let at = 4 + 2 * slot;
@@ -245,7 +249,8 @@ fn field(buf: &[u8], table: usize, slot: usize) -> Result<Option<usize>> {
 fn string_at(buf: &[u8], field_pos: usize) -> Result<String> {
     let s = field_pos + u32_at(buf, field_pos)? as usize;
     let len = u32_at(buf, s)? as usize;
-    let bytes = buf.get(s + 4..s + 4 + len).ok_or_else(|| bad_fb("string past the end"))?;
+    let bytes =
+        (s + 4).checked_add(len).and_then(|end| buf.get(s + 4..end)).ok_or_else(|| bad_fb("string past the end"))?;
     String::from_utf8(bytes.to_vec()).map_err(|_| bad_fb("a string is not UTF-8"))
 }
 
@@ -255,7 +260,8 @@ pub fn read_flatbuffers_table(buf: &[u8]) -> Result<Vec<(String, String)>> {
     let Some(dict) = field(buf, root, 0)? else { return Ok(Vec::new()) };
     let vec = dict + u32_at(buf, dict)? as usize;
     let n = u32_at(buf, vec)? as usize;
-    let mut out = Vec::with_capacity(n);
+    // The count comes from the file: it sizes the buffer only as far as the file could hold entries.
+    let mut out = Vec::with_capacity(n.min(buf.len() / 4));
     for i in 0..n {
         let p = vec + 4 + 4 * i;
         let kv = p + u32_at(buf, p)? as usize;
@@ -411,6 +417,23 @@ mod tests {
         assert_eq!(back[0].1, "1.9999999494757503e-05"); // repr(float(np.float32(2e-5)))
         assert!(read_flatbuffers_table(&buf[..6]).is_err());
         assert!(read_flatbuffers_table(&flatbuffers_table(&BTreeMap::new())).unwrap().is_empty());
+    }
+
+    #[test]
+    fn hostile_flatbuffers_are_errors() {
+        // An entry count of 2^32 − 1 in a tiny file: an error naming the overrun, not a huge allocation.
+        let mut buf = flatbuffers_table(&BTreeMap::new());
+        let root = u32_at(&buf, 0).unwrap() as usize;
+        let dict = field(&buf, root, 0).unwrap().unwrap();
+        let vec = dict + u32_at(&buf, dict).unwrap() as usize;
+        buf[vec..vec + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_flatbuffers_table(&buf).unwrap_err().to_string();
+        assert!(e.contains("past the end"), "{e}");
+        // A table whose vtable offset points before the start of the file.
+        let mut buf = flatbuffers_table(&BTreeMap::new());
+        buf[root..root + 4].copy_from_slice(&(root as i32 + 64).to_le_bytes());
+        let e = read_flatbuffers_table(&buf).unwrap_err().to_string();
+        assert!(e.contains("vtable before the start"), "{e}");
     }
 
     #[test]

@@ -339,11 +339,12 @@ impl ModelConfig {
         if v.cnn_chs.len() < 2 {
             return err("vae.cnn_chs needs at least two entries".into());
         }
-        if 1usize << (v.cnn_chs.len() - 1) != self.patch_size {
+        // 2^stages; 64 or more stages have no such usize (and match no patch size).
+        let stages = v.cnn_chs.len() - 1;
+        let patch = u32::try_from(stages).ok().and_then(|n| 1usize.checked_shl(n));
+        if patch != Some(self.patch_size) {
             return err(format!(
-                "vae.cnn_chs has {} stride-2 stages, so the patch size would be {}, not {}",
-                v.cnn_chs.len() - 1,
-                1usize << (v.cnn_chs.len() - 1),
+                "vae.cnn_chs has {stages} stride-2 stages, so the patch size would be 2^{stages}, not {}",
                 self.patch_size
             ));
         }
@@ -472,6 +473,10 @@ mod tests {
         let mut c = ModelConfig::preset("tiny").unwrap();
         c.patch_size = 8;
         assert!(c.validate().unwrap_err().to_string().contains("stride-2 stages"));
+        // 65 entries: 2^64 has no usize (a plain shift overflowed); an error, not a panic or a wrap.
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.vae.cnn_chs = vec![32; 65];
+        assert!(c.validate().unwrap_err().to_string().contains("64 stride-2 stages"));
         let mut c = ModelConfig::preset("tiny").unwrap();
         c.ar.head_blocks = 3;
         c.ar.head_adaln_blocks = 2;

@@ -87,8 +87,9 @@ impl JudgeConfig {
         if self.channels.is_empty() || self.channels.contains(&0) {
             return err(format!("judge channels must be non-empty and positive, got {:?}", self.channels));
         }
-        let down = 1usize << self.channels.len();
-        if self.image_size == 0 || self.image_size % down != 0 {
+        // 2^blocks; a list of 64 or more blocks has no such usize (and no image size could fit it).
+        let down = u32::try_from(self.channels.len()).ok().and_then(|n| 1usize.checked_shl(n));
+        if self.image_size == 0 || down.is_none_or(|down| !self.image_size.is_multiple_of(down)) {
             return err(format!(
                 "judge image_size {} must be a positive multiple of 2^{} (one max-pool per conv block)",
                 self.image_size,
@@ -203,6 +204,8 @@ mod tests {
         assert_eq!(c.flat_dim(), 128 * 16);
         assert!(JudgeConfig { image_size: 20, ..c.clone() }.validate().is_err());
         assert!(JudgeConfig { channels: vec![], ..c.clone() }.validate().is_err());
+        // 64 blocks: 2^64 does not fit (a plain shift wrapped to 2^0 and let any image size through).
+        assert!(JudgeConfig { channels: vec![32; 64], ..c.clone() }.validate().is_err());
         let keys = judge_keys(&c);
         let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(

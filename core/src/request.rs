@@ -1,7 +1,7 @@
 //! A sampling request, shared by the reference sampler (`trainer sample`) and the runtime
 //! (`runtime generate`): the same fields, the same validation, the same grid layout.
 
-use crate::schedule::validate_cfg;
+use crate::schedule::{validate_cfg, MAX_STEPS};
 use crate::CoreError;
 
 /// What to sample. Image j of the request (in `classes` order) uses noise stream `first_image + j` of
@@ -52,6 +52,9 @@ impl SampleRequest {
         if self.steps == 0 {
             return Err(CoreError::Invalid("--steps must be ≥ 1".into()));
         }
+        if self.steps > MAX_STEPS {
+            return Err(CoreError::Invalid(format!("--steps must be at most {MAX_STEPS}, got {}", self.steps)));
+        }
         if self.batch == 0 {
             return Err(CoreError::Invalid("--batch must be ≥ 1".into()));
         }
@@ -87,6 +90,8 @@ mod tests {
             r.validate(10).is_err()
         };
         assert!(bad(&|r| r.steps = 0));
+        assert!(bad(&|r| r.steps = MAX_STEPS + 1));
+        assert!(!bad(&|r| r.steps = MAX_STEPS));
         assert!(bad(&|r| r.batch = 0));
         assert!(bad(&|r| r.cfg = f32::NAN));
         assert!(bad(&|r| r.cfg = 0.5));

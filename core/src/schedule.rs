@@ -21,6 +21,9 @@ use crate::CoreError;
 pub const LAST_DT: f32 = 0.04;
 /// Euler–Maruyama steps of the official sampler (`--steps` default of an export).
 pub const DEFAULT_STEPS: usize = 100;
+/// Most Euler–Maruyama steps a time grid may have: far beyond any useful sampler, and small enough that
+/// the grid (8 bytes a step) never exhausts memory.
+pub const MAX_STEPS: usize = 1_000_000;
 
 /// Guidance scale of token `token` out of `num_tokens` under the linear CFG schedule:
 /// 1 + (cfg − 1) · token / num_tokens when cfg > 1 (evaluated left to right in f64, as the
@@ -91,6 +94,11 @@ pub struct TimeGrid {
 pub fn em_time_grid(steps: usize) -> Result<TimeGrid, CoreError> {
     if steps == 0 {
         return Err(CoreError::Invalid("the Euler–Maruyama sampler needs at least 1 step".into()));
+    }
+    if steps > MAX_STEPS {
+        return Err(CoreError::Invalid(format!(
+            "the Euler–Maruyama sampler takes at most {MAX_STEPS} steps, got {steps}"
+        )));
     }
     let dt = (1.0f32 - LAST_DT) / steps as f32;
     let times: Vec<f32> = std::iter::successors(Some(0.0f32), |t| Some(t + dt)).take(steps).collect();
@@ -192,6 +200,9 @@ mod tests {
         close(&g.noise_scales, &[1.385_640_6], 1e-6); // √1.92
         assert_eq!((g.last_t, g.last_dt, g.steps), (0.96, 0.04, 1));
         assert_eq!(head_evals(1), 2);
+        // A step count from a flag is bounded before anything is allocated for it.
+        assert!(em_time_grid(MAX_STEPS + 1).unwrap_err().to_string().contains("at most 1000000 steps"));
+        assert!(em_time_grid(usize::MAX).is_err());
     }
 
     #[test]

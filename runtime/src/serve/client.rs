@@ -129,7 +129,7 @@ fn dechunk(mut b: &[u8]) -> std::io::Result<Vec<u8>> {
         if size == 0 {
             return Ok(out);
         }
-        if b.len() < size + 2 {
+        if size.checked_add(2).is_none_or(|end| b.len() < end) {
             return Err(invalid("truncated chunk"));
         }
         out.extend_from_slice(&b[..size]);
@@ -152,5 +152,10 @@ mod tests {
         assert_eq!(r.text(), "abcde");
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc").is_err());
+        // A chunk size of usize::MAX (size + 2 would wrap): an error, not a slice out of range.
+        let e =
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n0\r\n\r\n")
+                .unwrap_err();
+        assert_eq!(e.to_string(), "truncated chunk");
     }
 }

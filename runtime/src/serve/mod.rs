@@ -28,6 +28,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use spherear_core::schedule::MAX_STEPS;
+
 use crate::error::{Result, RuntimeError};
 use crate::generator::Generator;
 use crate::provider::Provider;
@@ -101,6 +103,12 @@ impl ServeConfig {
         }
         if self.max_steps == 0 || self.max_n == 0 {
             return bad("--max-steps and --max-n must be >= 1");
+        }
+        if self.max_steps > MAX_STEPS {
+            return Err(RuntimeError::Invalid(format!(
+                "--max-steps must be at most {MAX_STEPS}, got {}",
+                self.max_steps
+            )));
         }
         Ok(())
     }
@@ -312,5 +320,17 @@ impl Drop for Server {
 pub(crate) fn begin_drain(shared: &Shared, tx: &mpsc::Sender<EngineMsg>) {
     if !shared.draining.swap(true, Ordering::SeqCst) {
         let _ = tx.send(EngineMsg::Drain);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_steps_is_bounded_at_startup() {
+        assert!(ServeConfig::default().validate().is_ok());
+        let e = ServeConfig { max_steps: MAX_STEPS + 1, ..ServeConfig::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("--max-steps must be at most 1000000"), "{e}");
     }
 }
