@@ -155,7 +155,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     per_class: usize,
     /// Classifier-free guidance scale, >= 1 (1 = none; linear schedule from 1 at token 0 to cfg).
-    /// [default: the model's: 4.5 for SphereAR-B/H, 4.6 for L (the official values), 3 for the small presets]
+    /// [default: the model's: 4.5 for SphereAR-B/H, 4.6 for L (the official values), 5 for fmnist-32, 3 for tiny]
     #[arg(long, allow_negative_numbers = true)]
     cfg: Option<f32>,
     /// Euler-Maruyama steps of the diffusion head per token, plus one final Euler step
