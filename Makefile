@@ -35,6 +35,8 @@ ABL_VAE_STEPS ?= 1000
 ABL_AR_STEPS ?= 2000
 # Training images of both stages (the AR stage encodes them all once): 10000 keeps the encoding short.
 ABL_LIMIT ?= 10000
+# KL weights per posterior, e.g. ABL_KL="spherical=0.001 gaussian=0.04" (unset: each posterior's default).
+ABL_KL ?=
 ABL_EVAL_PER_CLASS ?= 40
 ABL_EVAL_STEPS ?= 10
 ABL_RUNS ?= runs/ablation
@@ -88,9 +90,10 @@ bench-b: build
 ablation: build $(JUDGE_EXPORT)/manifest.json
 	@set -e; for p in $(ABL_POSTERIORS); do for s in $(ABL_SEEDS); do \
 	  run=$(ABL_RUNS)/$$p-seed$$s; exp=$(ABL_EXPORTS)/$$p-seed$$s; \
-	  echo "== ablation: $$p posterior, seed $$s ($$run) =="; \
+	  kl=""; for kv in $(ABL_KL); do if [ "$${kv%%=*}" = "$$p" ]; then kl="--kl-weight $${kv#*=}"; fi; done; \
+	  echo "== ablation: $$p posterior, seed $$s ($$run) $$kl =="; \
 	  $(TRAINER) fit --stage vae --preset $(PRESET) --posterior $$p --data fashion-mnist --out $$run \
-	    --steps $(ABL_VAE_STEPS) --seed $$s --limit $(ABL_LIMIT) --quiet; \
+	    --steps $(ABL_VAE_STEPS) --seed $$s --limit $(ABL_LIMIT) $$kl --quiet; \
 	  $(TRAINER) fit --stage ar --preset $(PRESET) --vae $$run --data fashion-mnist --out $$run \
 	    --steps $(ABL_AR_STEPS) --batch $(AR_BATCH) --seed $$s --limit $(ABL_LIMIT) --quiet; \
 	  if [ ! $$exp/manifest.json -nt $$run/ar.safetensors ]; then \

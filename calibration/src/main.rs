@@ -46,8 +46,9 @@ struct GateArgs {
     #[arg(long)]
     gate_per_class: Option<usize>,
     /// Guidance scale of the gate's images (gate at the cfg you deploy).
-    #[arg(long, default_value_t = 3.0)]
-    gate_cfg: f32,
+    /// [default: the model's own, as `runtime generate` uses]
+    #[arg(long)]
+    gate_cfg: Option<f32>,
     /// Head steps of the gate's images.
     #[arg(long, default_value_t = 10)]
     gate_steps: usize,
@@ -65,19 +66,29 @@ struct GateArgs {
     no_gate: bool,
 }
 
+/// The guidance scale `runtime generate` uses for the export in `model` when given none.
+fn model_default_cfg(model: &std::path::Path) -> anyhow::Result<f32> {
+    let manifest = spherear_core::manifest::Manifest::load(model).context("reading the source export's manifest")?;
+    Ok(manifest.config.default_cfg())
+}
+
 impl GateArgs {
-    fn options(&self, threads: Option<usize>) -> anyhow::Result<GateOptions> {
+    fn options(&self, model: &std::path::Path, threads: Option<usize>) -> anyhow::Result<GateOptions> {
+        let cfg = match self.gate_cfg {
+            Some(cfg) => cfg,
+            None => model_default_cfg(model)?,
+        };
         spherear_core::validate::non_negative("--max-accuracy-drop", self.max_accuracy_drop)?;
         spherear_core::validate::positive("--max-distance-ratio", self.max_distance_ratio)?;
         let per_class = self.gate_per_class.unwrap_or(if self.judge.is_some() { 50 } else { 2 });
         spherear_core::validate::at_least("--gate-per-class", per_class, 1)?;
         spherear_core::validate::at_least("--gate-steps", self.gate_steps, 1)?;
-        spherear_core::schedule::validate_cfg(self.gate_cfg)?;
+        spherear_core::schedule::validate_cfg(cfg)?;
         Ok(GateOptions {
             judge: self.judge.clone(),
             data: self.data.clone(),
             per_class,
-            cfg: self.gate_cfg,
+            cfg,
             steps: self.gate_steps,
             seed: self.gate_seed,
             max_accuracy_drop: self.max_accuracy_drop / 100.0,
@@ -103,7 +114,7 @@ fn gated(
         build(&[], out)?;
         return Ok(None);
     }
-    let o = gate.options(threads)?;
+    let o = gate.options(model, threads)?;
     let judge = calibration::gate::load_judge(&o).context("loading the judge")?;
     eprintln!("quality gate: generating the fp32 reference images…");
     let reference = Reference::new(model, &o, judge.as_ref()).context("the gate's fp32 reference")?;
@@ -206,8 +217,9 @@ enum Cmd {
         #[arg(long, default_value_t = DEFAULT_PERCENTILE)]
         percentile: f64,
         /// Guidance scale of the rollouts: calibrate at the cfg you deploy.
-        #[arg(long, default_value_t = calibrate::DEFAULT_CFG)]
-        cfg: f32,
+        /// [default: the model's own, as `runtime generate` uses]
+        #[arg(long)]
+        cfg: Option<f32>,
         /// Head (Euler-Maruyama) steps of the rollouts: calibrate at the steps you deploy. Default 10 (the
         /// manifest's sampler default is the official 100, which costs 10x the head calls).
         #[arg(long, default_value_t = calibrate::DEFAULT_STEPS)]
@@ -316,6 +328,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "percentile" => Method::Percentile(percentile),
                 "entropy" => Method::Entropy,
                 other => anyhow::bail!("unknown --method '{other}' (minmax, percentile, entropy)"),
+            };
+            let cfg = match cfg {
+                Some(cfg) => cfg,
+                None => model_default_cfg(&model)?,
             };
             let opts = CalibrateOptions {
                 cfg,

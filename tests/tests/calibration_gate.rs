@@ -123,6 +123,24 @@ fn without_a_judge_the_gate_reports_tokens_and_no_gate_skips_it() {
     assert_eq!(report["result"]["images"], 8, "2 per class, 4 classes");
     assert!(report["result"]["reasons"][0].as_str().unwrap().contains("no --judge"));
     assert!(stdout.contains("Not gated"), "{stdout}");
+    // Without --gate-cfg the gate uses the model's own default guidance, as `runtime generate` does: 3 for
+    // `tiny`, 5 for a model whose config is named `fmnist-32` (the same tiny weights under that name).
+    assert_eq!(report["result"]["cfg"], 3.0);
+    let renamed = st.dir.join("fp32-as-fmnist");
+    std::fs::create_dir_all(&renamed).unwrap();
+    for f in std::fs::read_dir(&st.fp32).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, renamed.join(f.file_name().unwrap())).unwrap();
+    }
+    let m = std::fs::read_to_string(renamed.join("manifest.json")).unwrap();
+    assert_eq!(m.matches("\"name\": \"tiny\"").count(), 1, "one config name in the manifest");
+    std::fs::write(renamed.join("manifest.json"), m.replace("\"name\": \"tiny\"", "\"name\": \"fmnist-32\"")).unwrap();
+    let w4f = st.dir.join("w4-fmnist");
+    let (ok, stdout, stderr) =
+        run(&["quantize", "--model", s(&renamed), "--out", s(&w4f), "--weights", "int4", "--gate-steps", "2", "--quiet"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(w4f.join("gate.json")).unwrap()).unwrap();
+    assert_eq!(report["result"]["cfg"], 5.0);
     let plain = st.dir.join("w4-plain");
     let (ok, _, stderr) = run(&["quantize", "--model", s(&st.fp32), "--out", s(&plain), "--weights", "int4", "--no-gate", "--quiet"]);
     assert!(ok, "{stderr}");
