@@ -283,12 +283,12 @@ fn wait_idle(server: &Server) {
 pub fn run(o: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<ServeReport> {
     anyhow::ensure!(o.requests > 0 && o.duration_s > 0.0, "--requests and --duration-s must be > 0");
     // Arrival times and deadlines become `Duration`s, which cannot hold infinite or absurd seconds.
-    anyhow::ensure!(o.duration_s <= 1e6, "--duration-s must be at most 1e6 seconds, got {}", o.duration_s);
     anyhow::ensure!(
-        o.timeout_s.is_finite() && o.timeout_s > 0.0 && o.timeout_s <= 1e6,
-        "--timeout-s must be a number of seconds in (0, 1e6], got {}",
-        o.timeout_s
+        o.duration_s <= spherear_core::validate::MAX_SECONDS,
+        "--duration-s must be at most 1e6 seconds, got {}",
+        o.duration_s
     );
+    spherear_core::validate::seconds("--timeout-s", o.timeout_s)?;
     anyhow::ensure!(o.n > 0, "--n must be >= 1");
     anyhow::ensure!(o.rates.iter().all(|r| r.is_finite() && *r > 0.0), "--rates must be positive numbers");
     anyhow::ensure!(!o.schedulers.is_empty(), "give at least one --scheduler");

@@ -231,6 +231,7 @@ fn exports(o: &SpeedOptions) -> Res<Vec<(Precision, PathBuf, Manifest)>> {
                     force: true,
                     calls_per_graph: 8,
                     batch: 1,
+                    cfg: Some(o.cfg),
                     ..CalibrateOptions::new(src, &dir, INT8_CALIBRATION_IMAGES, Method::Percentile(DEFAULT_PERCENTILE))
                 };
                 calibration::calibrate::calibrate_export(&c, &mut |_| {})?;

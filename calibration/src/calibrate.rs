@@ -47,8 +47,6 @@ use crate::trt;
 pub use crate::quantize::DEFAULT_GRAPHS;
 /// Every graph of an AR export, in sampling order.
 pub const ALL_GRAPHS: [&str; 4] = ["ar_prefill", "ar_step", "head_step", "decoder"];
-/// Default guidance scale of the rollouts.
-pub const DEFAULT_CFG: f32 = 3.0;
 /// Default head steps of the rollouts (the deployments this toolchain measures use 10; the manifest's
 /// default is the official 100).
 pub const DEFAULT_STEPS: usize = 10;
@@ -68,7 +66,9 @@ pub struct CalibrateOptions {
     pub out: PathBuf,
     pub images: usize,
     pub method: Method,
-    pub cfg: f32,
+    /// Guidance scale of the rollouts; `None`: the model's own default (`ModelConfig::default_cfg`), as
+    /// `runtime generate`.
+    pub cfg: Option<f32>,
     pub steps: usize,
     pub seed: u64,
     pub batch: usize,
@@ -88,7 +88,7 @@ impl CalibrateOptions {
             out: out.into(),
             images,
             method,
-            cfg: DEFAULT_CFG,
+            cfg: None,
             steps: DEFAULT_STEPS,
             seed: 0,
             batch: DEFAULT_BATCH,
@@ -114,8 +114,8 @@ impl CalibrateOptions {
         if self.calls_per_graph == 0 {
             return bad("--calls-per-graph must be >= 1".into());
         }
-        if !(self.cfg.is_finite() && self.cfg >= 1.0) {
-            return bad(format!("--cfg must be a finite number >= 1 (got {})", self.cfg));
+        if let Some(cfg) = self.cfg.filter(|c| !(c.is_finite() && *c >= 1.0)) {
+            return bad(format!("--cfg must be a finite number >= 1 (got {cfg})"));
         }
         if let Method::Percentile(p) = self.method {
             if !(p > 0.0 && p <= 100.0) {
@@ -390,6 +390,7 @@ pub fn calibrate_export(opts: &CalibrateOptions, progress: &mut dyn FnMut(Progre
     let (manifest, selected) = preflight(opts)?;
     let dir = &opts.model;
     let weights_file = manifest.weights.file.clone();
+    let cfg = opts.cfg.unwrap_or(manifest.config.default_cfg());
 
     // Graphs, quantized nodes and recorded tensors.
     let mut models: BTreeMap<String, (ModelProto, Vec<Target>, Vec<String>)> = BTreeMap::new();
@@ -442,7 +443,7 @@ pub fn calibrate_export(opts: &CalibrateOptions, progress: &mut dyn FnMut(Progre
     let classes = balanced_classes(opts.images, manifest.num_classes);
     let req = GenerateRequest {
         classes: classes.clone(),
-        cfg: opts.cfg,
+        cfg,
         steps: opts.steps,
         seed: opts.seed,
         first_image: 0,
@@ -628,7 +629,7 @@ pub fn calibrate_export(opts: &CalibrateOptions, progress: &mut dyn FnMut(Progre
             env!("CARGO_PKG_VERSION"),
             method.name(),
             opts.images,
-            opts.cfg,
+            cfg,
             opts.steps,
             opts.seed,
             manifest.producer
@@ -675,7 +676,7 @@ pub fn calibrate_export(opts: &CalibrateOptions, progress: &mut dyn FnMut(Progre
             images: ImagesUsed {
                 count: opts.images,
                 per_class,
-                cfg: opts.cfg,
+                cfg,
                 steps: opts.steps,
                 seed: opts.seed,
                 batch: opts.batch,

@@ -33,7 +33,8 @@ pub struct GateOptions {
     pub per_class: usize,
     /// Without a judge: at most this many classes (evenly spaced), so a 1000-class model stays cheap.
     pub max_classes: Option<usize>,
-    pub cfg: f32,
+    /// Guidance scale; `None`: the model's own default (`ModelConfig::default_cfg`), as `runtime generate`.
+    pub cfg: Option<f32>,
     pub steps: usize,
     pub seed: u64,
     pub batch: usize,
@@ -52,7 +53,7 @@ impl Default for GateOptions {
             data: "fashion-mnist".into(),
             per_class: 50,
             max_classes: Some(16),
-            cfg: 3.0,
+            cfg: None,
             steps: 10,
             seed: 0,
             batch: 50,
@@ -196,7 +197,8 @@ impl<'j> Reference<'j> {
         let g = Generator::load(dir, &generator_options)?;
         let m = g.manifest();
         let classes = gate_classes(m.num_classes, judge.is_some().then_some(m.num_classes).or(o.max_classes));
-        let request = GenerateRequest::grid(&classes, o.per_class, o.cfg, o.steps, o.seed, o.batch)?;
+        let cfg = o.cfg.unwrap_or(m.config.default_cfg());
+        let request = GenerateRequest::grid(&classes, o.per_class, cfg, o.steps, o.seed, o.batch)?;
         let (tokens, _) = g.generate_tokens(&request, |_| {})?;
         let judged = match judge {
             None => None,
@@ -240,7 +242,7 @@ impl<'j> Reference<'j> {
             passed: None,
             reasons: Vec::new(),
             images: self.request.classes.len(),
-            cfg: o.cfg,
+            cfg: self.request.cfg,
             steps: o.steps,
             seed: o.seed,
         };

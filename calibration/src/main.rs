@@ -66,29 +66,21 @@ struct GateArgs {
     no_gate: bool,
 }
 
-/// The guidance scale `runtime generate` uses for the export in `model` when given none.
-fn model_default_cfg(model: &std::path::Path) -> anyhow::Result<f32> {
-    let manifest = spherear_core::manifest::Manifest::load(model).context("reading the source export's manifest")?;
-    Ok(manifest.config.default_cfg())
-}
-
 impl GateArgs {
-    fn options(&self, model: &std::path::Path, threads: Option<usize>) -> anyhow::Result<GateOptions> {
-        let cfg = match self.gate_cfg {
-            Some(cfg) => cfg,
-            None => model_default_cfg(model)?,
-        };
+    fn options(&self, threads: Option<usize>) -> anyhow::Result<GateOptions> {
         spherear_core::validate::non_negative("--max-accuracy-drop", self.max_accuracy_drop)?;
         spherear_core::validate::positive("--max-distance-ratio", self.max_distance_ratio)?;
         let per_class = self.gate_per_class.unwrap_or(if self.judge.is_some() { 50 } else { 2 });
         spherear_core::validate::at_least("--gate-per-class", per_class, 1)?;
         spherear_core::validate::at_least("--gate-steps", self.gate_steps, 1)?;
-        spherear_core::schedule::validate_cfg(cfg)?;
+        if let Some(cfg) = self.gate_cfg {
+            spherear_core::schedule::validate_cfg(cfg)?;
+        }
         Ok(GateOptions {
             judge: self.judge.clone(),
             data: self.data.clone(),
             per_class,
-            cfg,
+            cfg: self.gate_cfg,
             steps: self.gate_steps,
             seed: self.gate_seed,
             max_accuracy_drop: self.max_accuracy_drop / 100.0,
@@ -114,7 +106,7 @@ fn gated(
         build(&[], out)?;
         return Ok(None);
     }
-    let o = gate.options(model, threads)?;
+    let o = gate.options(threads)?;
     let judge = calibration::gate::load_judge(&o).context("loading the judge")?;
     eprintln!("quality gate: generating the fp32 reference images…");
     let reference = Reference::new(model, &o, judge.as_ref()).context("the gate's fp32 reference")?;
@@ -328,10 +320,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "percentile" => Method::Percentile(percentile),
                 "entropy" => Method::Entropy,
                 other => anyhow::bail!("unknown --method '{other}' (minmax, percentile, entropy)"),
-            };
-            let cfg = match cfg {
-                Some(cfg) => cfg,
-                None => model_default_cfg(&model)?,
             };
             let opts = CalibrateOptions {
                 cfg,

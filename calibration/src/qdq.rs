@@ -89,8 +89,7 @@ pub fn targets(model: &ModelProto, weights_file: &str) -> std::result::Result<Ve
             continue;
         }
         // Every dim positive and the byte count without overflow (the dims come from the file).
-        let bytes = t.dims.iter().try_fold(4u64, |acc, &d| u64::try_from(d).ok().filter(|&d| d > 0)?.checked_mul(acc));
-        if bytes != Some(at.length) {
+        if crate::quantize::fp32_bytes(&t.dims) != Some(at.length) {
             return Err(format!("initializer {}: {} bytes for fp32 dims {:?}", t.name, at.length, t.dims));
         }
         if inits.contains_key(n.input[0].as_str()) {

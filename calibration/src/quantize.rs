@@ -212,6 +212,12 @@ pub(crate) fn load_fp32_source(dir: &Path, verb: &str, fp16_why: &str) -> Result
     Ok(manifest)
 }
 
+/// Bytes of an fp32 tensor with `dims` as read from a file: `None` unless every dim is positive and the
+/// count fits a `u64`.
+pub(crate) fn fp32_bytes(dims: &[i64]) -> Option<u64> {
+    dims.iter().try_fold(4u64, |acc, &d| u64::try_from(d).ok().filter(|&d| d > 0)?.checked_mul(acc))
+}
+
 pub(crate) fn model_err(dir: &Path, msg: impl Into<String>) -> CalibError {
     CalibError::Model { path: dir.display().to_string(), msg: msg.into() }
 }
@@ -258,10 +264,11 @@ fn candidates(model: &ModelProto, weights_file: &str) -> std::result::Result<Vec
         if at.location != weights_file || t.data_type != DataType::FLOAT as i32 || t.dims.len() != 2 {
             continue;
         }
-        let (k, n) = (usize::try_from(t.dims[0]).unwrap_or(0), usize::try_from(t.dims[1]).unwrap_or(0));
-        if k == 0 || n == 0 || k.checked_mul(n).and_then(|e| e.checked_mul(4)).is_none_or(|b| at.length != b as u64) {
+        if fp32_bytes(&t.dims) != Some(at.length) {
             return Err(format!("initializer {}: {} bytes for a {:?} fp32 weight", t.name, at.length, t.dims));
         }
+        // Both dims positive and their byte count a u64, so they fit a usize here.
+        let (k, n) = (t.dims[0] as usize, t.dims[1] as usize);
         out.push(Candidate { node: i, init: t.name.clone(), at, k, n });
     }
     Ok(out)

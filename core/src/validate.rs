@@ -39,6 +39,18 @@ pub fn in_range(flag: &str, v: f64, lo: f64, hi: f64) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Largest number of seconds [`seconds`] accepts: far beyond any deadline, and always a valid `Duration`.
+pub const MAX_SECONDS: f64 = 1e6;
+
+/// A duration flag: finite, `> 0` and at most [`MAX_SECONDS`] (`Duration::from_secs_f64` panics on
+/// infinite or absurd values).
+pub fn seconds(flag: &str, v: f64) -> Result<(), CoreError> {
+    if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
+        return Err(bad(flag, &format!("a number of seconds in (0, {MAX_SECONDS:e}]"), v));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +64,11 @@ mod tests {
         assert!(non_negative("--kl-weight", -1.0).is_err() && non_negative("--kl-weight", 0.0).is_ok());
         assert!(in_range("--ema-decay", 1.0, 0.0, 1.0).is_err() && in_range("--ema-decay", 0.999, 0.0, 1.0).is_ok());
         assert!(in_range("--ema-decay", f64::INFINITY, 0.0, 1.0).is_err());
+        assert_eq!(
+            seconds("--timeout-s", 1e20).unwrap_err().to_string(),
+            "invalid argument: --timeout-s must be a number of seconds in (0, 1e6] (got 100000000000000000000)"
+        );
+        assert!(seconds("--timeout-s", f64::INFINITY).is_err() && seconds("--timeout-s", 0.0).is_err());
+        assert!(seconds("--timeout-s", 1e6).is_ok() && seconds("--timeout-s", 0.5).is_ok());
     }
 }

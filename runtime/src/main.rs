@@ -374,9 +374,7 @@ fn eval(a: &EvalArgs) -> Result<()> {
 
 fn serve(a: &ServeArgs) -> Result<()> {
     use runtime::serve::{ServeConfig, Server};
-    if !(a.timeout_s.is_finite() && a.timeout_s > 0.0 && a.timeout_s <= 1e6) {
-        anyhow::bail!("--timeout-s must be a number of seconds in (0, 1e6], got {}", a.timeout_s);
-    }
+    spherear_core::validate::seconds("--timeout-s", a.timeout_s)?;
     let config = ServeConfig {
         host: a.host.clone(),
         port: a.port,
